@@ -1,0 +1,1 @@
+"""The wire contract: request models, error bodies, SSE framing and routes."""

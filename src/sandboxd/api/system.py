@@ -1,0 +1,33 @@
+"""``/api/v1/health`` and ``/api/v1/info``: answered from memory, never behind a lock."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from .. import __version__
+from .processes import TABLE
+
+routes = web.RouteTableDef()
+STARTED_AT = web.AppKey("started_at", float)
+
+
+@routes.get("/api/v1/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"healthy": True})
+
+
+@routes.get("/api/v1/info")
+async def info(request: web.Request) -> web.Response:
+    table = request.app[TABLE]
+    return web.json_response(
+        {
+            "version": __version__,
+            "uptime_secs": int(time.monotonic() - request.app[STARTED_AT]),
+            "running_processes": table.running_count,
+            "total_processes": len(table),
+            "spawned_total": table.spawned_total,
+            "cgroups": table.cgroups.describe(),
+        }
+    )

@@ -1,0 +1,1 @@
+"""The process engine: spawning, supervision, output, cgroups. No HTTP in here."""

@@ -1,0 +1,363 @@
+"""One cgroup per process: memory limit, OOM attribution, pids limit, tree kill.
+
+The daemon finds the hierarchies it may write to (``/proc/self/mounts`` and
+``/proc/self/cgroup``) and makes one parent cgroup for itself in each,
+``sandboxd-<pid>``, holding one child per process, ``p<handle>``. Three layouts
+occur in practice and all are handled:
+
+* **hybrid** (this project's machines): memory and pids on cgroup v1, with a
+  controller-less cgroup2 mounted at ``/sys/fs/cgroup/unified``. Limits and the
+  OOM counter come from v1; ``cgroup.kill`` comes from v2.
+* **v2 only**: memory, pids and ``cgroup.kill`` all in one tree. v2 forbids
+  processes in a cgroup whose children get controllers, so when the daemon's
+  own cgroup is not the root it first moves itself into a ``sandboxd-<pid>-daemon``
+  leaf (what systemd's ``Delegate=`` services do).
+* **none** (no writable cgroupfs, e.g. an unprivileged container): no cgroup is
+  made, OOM kills show up as plain SIGKILLs, and tree kill falls back to the
+  process group. :meth:`CgroupLayout.describe` says which layout is in force.
+
+A process joins its cgroups *before* it execs (see ``spawn.py``), so every byte
+it allocates and every child it forks is accounted from the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _counter(text: str, key: str) -> int:
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+@dataclass(slots=True)
+class _Mounts:
+    v1: dict[str, Path] = field(default_factory=dict)  # controller -> mount point
+    v2: Path | None = None
+
+
+def _find_mounts() -> _Mounts:
+    mounts = _Mounts()
+    try:
+        text = _read(Path("/proc/self/mounts"))
+    except OSError:
+        return mounts
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mnt, fstype, opts = Path(parts[1]), parts[2], parts[3].split(",")
+        if fstype == "cgroup2" and mounts.v2 is None:
+            mounts.v2 = mnt
+        elif fstype == "cgroup":
+            for ctrl in ("memory", "pids"):
+                if ctrl in opts:
+                    mounts.v1.setdefault(ctrl, mnt)
+    return mounts
+
+
+def _own_paths() -> tuple[dict[str, str], str | None]:
+    v1: dict[str, str] = {}
+    v2: str | None = None
+    try:
+        text = _read(Path("/proc/self/cgroup"))
+    except OSError:
+        return v1, v2
+    for line in text.splitlines():
+        hid, _, rest = line.partition(":")
+        ctrls, _, path = rest.partition(":")
+        if hid == "0" and ctrls == "":
+            v2 = path
+        for ctrl in ctrls.split(","):
+            if ctrl in ("memory", "pids"):
+                v1[ctrl] = path
+    return v1, v2
+
+
+def _own_dir(mount: Path, path: str) -> Path | None:
+    candidate = mount / path.lstrip("/")
+    if candidate.is_dir():
+        return candidate
+    # Inside a cgroup namespace the listed path may not match the mount; the
+    # mount root is then our own cgroup.
+    return mount if mount.is_dir() else None
+
+
+class CgroupLayout:
+    """The daemon's parent cgroups, one per usable hierarchy."""
+
+    def __init__(self, tag: str | None = None) -> None:
+        self.tag = tag or f"sandboxd-{os.getpid()}"
+        self.memory_v1: Path | None = None
+        self.pids_v1: Path | None = None
+        self.unified: Path | None = None
+        self.unified_controllers: set[str] = set()
+
+    @classmethod
+    def detect(cls, enabled: bool = True, tag: str | None = None) -> CgroupLayout:
+        layout = cls(tag)
+        if enabled:
+            layout._setup()
+        return layout
+
+    def _setup(self) -> None:
+        mounts = _find_mounts()
+        own_v1, own_v2 = _own_paths()
+        for ctrl in ("memory", "pids"):
+            mnt = mounts.v1.get(ctrl)
+            if mnt is None or ctrl not in own_v1:
+                continue
+            base = _own_dir(mnt, own_v1[ctrl])
+            parent = self._make_parent(base) if base else None
+            if ctrl == "memory":
+                self.memory_v1 = parent
+            else:
+                self.pids_v1 = parent
+        if mounts.v2 is not None and own_v2 is not None:
+            base = _own_dir(mounts.v2, own_v2)
+            if base is not None:
+                self._setup_unified(base)
+
+    def _make_parent(self, base: Path) -> Path | None:
+        parent = base / self.tag
+        try:
+            parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            log.info("cgroup %s not usable: %s", base, exc)
+            return None
+        return parent
+
+    def _setup_unified(self, base: Path) -> None:
+        parent = self._make_parent(base)
+        if parent is None:
+            return
+        self.unified = parent
+        try:
+            available = set(_read(base / "cgroup.controllers").split())
+        except OSError:
+            available = set()
+        wanted = {c for c in ("memory", "pids") if c in available}
+        # Controllers already provided by v1 are not used from v2.
+        if self.memory_v1 is not None:
+            wanted.discard("memory")
+        if self.pids_v1 is not None:
+            wanted.discard("pids")
+        if not wanted:
+            return
+        enable = " ".join(f"+{c}" for c in sorted(wanted))
+        try:
+            try:
+                _write(base / "cgroup.subtree_control", enable)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                # "No internal processes": move ourselves into a leaf first.
+                leaf = base / f"{self.tag}-daemon"
+                leaf.mkdir(exist_ok=True)
+                _write(leaf / "cgroup.procs", str(os.getpid()))
+                _write(base / "cgroup.subtree_control", enable)
+            _write(parent / "cgroup.subtree_control", enable)
+            self.unified_controllers = wanted
+        except OSError as exc:
+            log.info("cgroup v2 controllers %s not delegated: %s", enable, exc)
+
+    # --- queries ---
+
+    @property
+    def has_memory(self) -> bool:
+        return self.memory_v1 is not None or "memory" in self.unified_controllers
+
+    @property
+    def has_pids(self) -> bool:
+        return self.pids_v1 is not None or "pids" in self.unified_controllers
+
+    @property
+    def has_kill(self) -> bool:
+        # cgroup.kill exists in every non-root v2 cgroup since Linux 5.14.
+        return self.unified is not None and (self.unified / "cgroup.kill").exists()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.memory_v1 or self.pids_v1 or self.unified)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "none (no writable cgroup hierarchy: OOM kills look like SIGKILL)"
+        parts = []
+        if self.memory_v1:
+            parts.append("memory=v1")
+        elif "memory" in self.unified_controllers:
+            parts.append("memory=v2")
+        if self.pids_v1:
+            parts.append("pids=v1")
+        elif "pids" in self.unified_controllers:
+            parts.append("pids=v2")
+        parts.append("kill=v2 cgroup.kill" if self.has_kill else "kill=sweep")
+        return ", ".join(parts)
+
+    # --- per-process cgroups ---
+
+    def create(
+        self, name: str, *, memory_limit: int | None = None, pids_limit: int | None = None
+    ) -> ProcessCgroup | None:
+        if not self.enabled:
+            return None
+        cg = ProcessCgroup()
+        try:
+            if self.memory_v1 is not None:
+                d = self.memory_v1 / name
+                d.mkdir()
+                cg.dirs.append(d)
+                cg.memory = (d, 1)
+            if self.pids_v1 is not None:
+                d = self.pids_v1 / name
+                d.mkdir()
+                cg.dirs.append(d)
+                cg.pids = (d, 1)
+            if self.unified is not None:
+                d = self.unified / name
+                d.mkdir()
+                cg.dirs.append(d)
+                cg.unified = d
+                if "memory" in self.unified_controllers:
+                    cg.memory = (d, 2)
+                if "pids" in self.unified_controllers:
+                    cg.pids = (d, 2)
+            cg.apply_limits(memory_limit, pids_limit)
+        except OSError:
+            cg.remove()
+            raise
+        return cg
+
+    def remove_parents(self) -> None:
+        for parent in (self.memory_v1, self.pids_v1, self.unified):
+            if parent is None:
+                continue
+            for child in parent.iterdir() if parent.is_dir() else ():
+                if child.is_dir():
+                    _kill_dir(child)
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+class ProcessCgroup:
+    """The cgroups of one process, in every hierarchy in use."""
+
+    __slots__ = ("dirs", "memory", "pids", "removed", "unified")
+
+    def __init__(self) -> None:
+        self.dirs: list[Path] = []
+        self.memory: tuple[Path, int] | None = None
+        self.pids: tuple[Path, int] | None = None
+        self.unified: Path | None = None
+        self.removed = False
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self.dirs]
+
+    def apply_limits(self, memory_limit: int | None, pids_limit: int | None) -> None:
+        if memory_limit is not None and self.memory is not None:
+            d, version = self.memory
+            if version == 1:
+                _write(d / "memory.limit_in_bytes", str(memory_limit))
+                # Without a swap limit too, a host with swap pages out instead of OOM-killing.
+                with contextlib.suppress(OSError):
+                    _write(d / "memory.memsw.limit_in_bytes", str(memory_limit))
+            else:
+                _write(d / "memory.max", str(memory_limit))
+                with contextlib.suppress(OSError):
+                    _write(d / "memory.swap.max", "0")
+        if pids_limit is not None and self.pids is not None:
+            d, _version = self.pids
+            _write(d / "pids.max", str(pids_limit))
+
+    def oom_kills(self) -> int:
+        """How many processes of this cgroup the OOM killer has killed."""
+        if self.memory is None:
+            return 0
+        d, version = self.memory
+        try:
+            if version == 1:
+                return _counter(_read(d / "memory.oom_control"), "oom_kill")
+            return _counter(_read(d / "memory.events"), "oom_kill")
+        except (OSError, ValueError):
+            return 0
+
+    def pids_in(self) -> list[int]:
+        for d in self.dirs:
+            try:
+                return [int(p) for p in _read(d / "cgroup.procs").split()]
+            except (OSError, ValueError):
+                continue
+        return []
+
+    def populated(self) -> bool:
+        return bool(self.pids_in())
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup, escaped sessions included."""
+        if self.removed:
+            return
+        if self.unified is not None:
+            try:
+                _write(self.unified / "cgroup.kill", "1")
+                return
+            except OSError:
+                pass  # kernel before 5.14: fall through to the sweep
+        for d in self.dirs:
+            _kill_dir(d)
+
+    def remove(self) -> bool:
+        """Remove the cgroups; False while a process is still inside."""
+        if self.removed:
+            return True
+        ok = True
+        for d in self.dirs:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                ok = False
+        self.removed = ok
+        return ok
+
+
+def _kill_dir(d: Path, rounds: int = 20) -> None:
+    """Sweep-kill a cgroup without ``cgroup.kill``; forks racing it are caught by later rounds."""
+    for _ in range(rounds):
+        try:
+            pids = [int(p) for p in _read(d / "cgroup.procs").split()]
+        except (OSError, ValueError):
+            return
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,297 @@
+"""Captured output: a bounded, byte-exact log per process, and its line view.
+
+Rules this module keeps
+-----------------------
+* Bytes are stored exactly as read from the pipes, as *chunks*
+  ``(stream, timestamp_ms, data)`` in arrival order. The combined view is that
+  order; the stdout and stderr views filter it. Nothing is decoded on the way in.
+* The store is bounded in bytes. When it is full the oldest chunks are dropped
+  and counted per stream (``dropped``); a reader whose cursor falls behind the
+  head learns how many bytes it missed. Nothing is dropped silently.
+* Lines are derived from bytes, per reader, by :class:`LineSplitter`: split on
+  ``\\n``, strip one ``\\r`` before it, decode UTF-8 with U+FFFD for invalid
+  bytes, emit a final unterminated line at EOF, and cut lines longer than
+  ``max_line`` bytes into pieces so no reader holds unbounded memory.
+* A line's timestamp is the arrival time of its first byte. In the combined
+  view lines are ordered by the arrival of the byte that completed them.
+* Readers hold absolute chunk sequence numbers, so replay and live reading are
+  the same loop over the same log: no gap and no duplicate between them.
+
+Nothing here touches a file descriptor or the clock; the only asyncio object is
+the :class:`Broadcast` that wakes waiting readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+
+STDOUT = 0
+STDERR = 1
+STREAM_NAMES = ("stdout", "stderr")
+
+# Per-chunk bookkeeping counted against the cap, so a flood of tiny writes
+# cannot hold more memory than the cap suggests.
+CHUNK_OVERHEAD = 64
+
+
+class Broadcast:
+    """Wake every waiter at once; waiters re-check state after waking."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        fut = self._future
+        if fut is not None:
+            self._future = None
+            if not fut.done():
+                fut.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        return self._future
+
+
+Chunk = tuple[int, int, bytes]  # (stream, timestamp_ms, data)
+
+
+class OutputStore:
+    """The chunks one process wrote, bounded by ``cap_bytes``."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = max(cap_bytes, 1)
+        self._chunks: list[Chunk] = []
+        self._head = 0  # index in _chunks of the oldest retained chunk
+        self._first_seq = 0  # absolute sequence number of _chunks[0]
+        self._size = 0
+        self.total = [0, 0]  # bytes ever written, per stream
+        self.dropped = [0, 0]  # bytes dropped from the head, per stream
+        self.open = [True, True]  # False once a stream reached EOF (or was discarded)
+        self.settled = False  # no reader should wait for more (see _state.py)
+        self.changed = Broadcast()
+
+    # --- writing ---
+
+    def append(self, stream: int, data: bytes, ts_ms: int) -> None:
+        if not data:
+            return
+        self._chunks.append((stream, ts_ms, data))
+        self.total[stream] += len(data)
+        self._size += len(data) + CHUNK_OVERHEAD
+        if self._size > self.cap_bytes:
+            self._evict()
+        self.changed.notify()
+
+    def close_stream(self, stream: int) -> None:
+        self.open[stream] = False
+        self.changed.notify()
+
+    def settle(self) -> None:
+        """Tell readers that the process is over: send what is there, then EOF."""
+        if not self.settled:
+            self.settled = True
+            self.changed.notify()
+
+    def _evict(self) -> None:
+        chunks = self._chunks
+        # Always keep the newest chunk, even when it alone is over the cap.
+        while self._size > self.cap_bytes and len(chunks) - self._head > 1:
+            stream, _ts, data = chunks[self._head]
+            chunks[self._head] = (stream, 0, b"")  # free the bytes now
+            self._head += 1
+            self._size -= len(data) + CHUNK_OVERHEAD
+            self.dropped[stream] += len(data)
+        if self._head > 1024 and self._head * 2 > len(chunks):
+            del chunks[: self._head]
+            self._first_seq += self._head
+            self._head = 0
+
+    # --- reading ---
+
+    @property
+    def start_seq(self) -> int:
+        """Sequence number of the oldest retained chunk."""
+        return self._first_seq + self._head
+
+    @property
+    def end_seq(self) -> int:
+        """Sequence number the next chunk will get."""
+        return self._first_seq + len(self._chunks)
+
+    @property
+    def retained_bytes(self) -> int:
+        return self._size
+
+    def is_drained(self, streams: Iterable[int]) -> bool:
+        return all(not self.open[s] for s in streams)
+
+    def read(self, seq: int, limit_bytes: int = 1 << 30) -> tuple[int, list[Chunk], int]:
+        """Chunks from ``seq`` on, up to about ``limit_bytes``.
+
+        Returns ``(next_seq, chunks, missed)`` where ``missed`` is the number of
+        chunks between ``seq`` and the head that were already dropped.
+        """
+        missed = 0
+        if seq < self.start_seq:
+            missed = self.start_seq - seq
+            seq = self.start_seq
+        i = seq - self._first_seq
+        out: list[Chunk] = []
+        size = 0
+        chunks = self._chunks
+        n = len(chunks)
+        while i < n and size < limit_bytes:
+            chunk = chunks[i]
+            out.append(chunk)
+            size += len(chunk[2])
+            i += 1
+        return self._first_seq + i, out, missed
+
+    def bytes_of(self, stream: int) -> bytes:
+        """Every retained byte of one stream, exactly as written."""
+        _, chunks, _ = self.read(self.start_seq)
+        return b"".join(data for s, _ts, data in chunks if s == stream)
+
+
+@dataclass(slots=True)
+class Line:
+    stream: int
+    timestamp_ms: int
+    text: str
+
+
+class LineSplitter:
+    """Turns chunks into lines, one partial-line buffer per stream."""
+
+    __slots__ = ("_pending", "_pending_ts", "max_line", "streams")
+
+    def __init__(self, streams: tuple[int, ...] = (STDOUT, STDERR), max_line: int = 1 << 20):
+        self.streams = streams
+        self.max_line = max_line
+        self._pending: list[bytearray] = [bytearray(), bytearray()]
+        self._pending_ts = [0, 0]
+
+    def feed(self, chunks: Iterable[Chunk]) -> list[Line]:
+        out: list[Line] = []
+        streams = self.streams
+        for stream, ts, data in chunks:
+            if stream not in streams or not data:
+                continue
+            pending = self._pending[stream]
+            if not pending:
+                self._pending_ts[stream] = ts
+            start = 0
+            while True:
+                nl = data.find(b"\n", start)
+                if nl < 0:
+                    break
+                if pending:
+                    pending += data[start:nl]
+                    raw = bytes(pending)
+                    pending.clear()
+                else:
+                    raw = data[start:nl]
+                out.append(Line(stream, self._pending_ts[stream], _decode(raw)))
+                self._pending_ts[stream] = ts
+                start = nl + 1
+            if start < len(data):
+                pending += data[start:]
+                if len(pending) >= self.max_line:
+                    out.extend(self._cut(stream, ts))
+        return out
+
+    def _cut(self, stream: int, ts: int) -> Iterator[Line]:
+        pending = self._pending[stream]
+        while len(pending) >= self.max_line:
+            end = _utf8_boundary(pending, self.max_line)
+            piece = bytes(pending[:end])
+            del pending[:end]
+            yield Line(stream, self._pending_ts[stream], piece.decode("utf-8", "replace"))
+            self._pending_ts[stream] = ts
+
+    def flush(self) -> list[Line]:
+        """Emit the unterminated tail of each stream as a final line."""
+        out = []
+        for stream in self.streams:
+            pending = self._pending[stream]
+            if pending:
+                out.append(Line(stream, self._pending_ts[stream], _decode(bytes(pending))))
+                pending.clear()
+        return out
+
+
+def _utf8_boundary(buf: bytearray, end: int) -> int:
+    """Move ``end`` back (at most 3 bytes) so a UTF-8 sequence is not cut in two."""
+    if end >= len(buf):
+        return end
+    for back in range(4):
+        i = end - back
+        if i <= 0:
+            break
+        if (buf[i] & 0xC0) != 0x80:
+            return i
+    return end
+
+
+def _decode(raw: bytes) -> str:
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw.decode("utf-8", "replace")
+
+
+def snapshot_lines(store: OutputStore, streams: tuple[int, ...], max_line: int) -> list[Line]:
+    """All retained lines of ``streams``, including an unterminated tail."""
+    splitter = LineSplitter(streams, max_line)
+    _, chunks, _ = store.read(store.start_seq)
+    lines = splitter.feed(chunks)
+    lines.extend(splitter.flush())
+    return lines
+
+
+@dataclass(slots=True)
+class Batch:
+    """What a follower sends in one write."""
+
+    lines: list[Line]
+    missed_chunks: int  # chunks dropped from the head before this reader got to them
+    final: bool  # the process is over and everything was read: send EOF after this
+    idle: bool = False  # nothing happened for a while: a keep-alive is due
+
+
+async def follow(
+    store: OutputStore,
+    streams: tuple[int, ...],
+    *,
+    max_line: int,
+    batch_bytes: int = 256 << 10,
+    idle_after: float = 15.0,
+) -> AsyncIterator[Batch]:
+    """Replay everything retained, then go live, then end once settled.
+
+    Replay and live reading are one loop over one cursor, so there is neither
+    a gap nor a duplicate between them. ``settled`` is sampled *before* each
+    read: once it was true and the read caught up, nothing more can come.
+    """
+    splitter = LineSplitter(streams, max_line)
+    seq = 0
+    while True:
+        settled = store.settled
+        seq, chunks, missed = store.read(seq, batch_bytes)
+        lines = splitter.feed(chunks)
+        caught_up = seq >= store.end_seq
+        if settled and caught_up:
+            lines.extend(splitter.flush())
+            yield Batch(lines, missed, final=True)
+            return
+        if lines or missed:
+            yield Batch(lines, missed, final=False)
+        if caught_up:
+            try:
+                await asyncio.wait_for(asyncio.shield(store.changed.wait()), idle_after)
+            except TimeoutError:
+                yield Batch([], 0, final=False, idle=True)

@@ -1,0 +1,300 @@
+"""One spawned process at run time: its pidfd, pipes, output and cgroup.
+
+A :class:`Process` is owned by the :class:`~sandboxd.engine.table.ProcessTable`.
+It registers three kinds of readers with the event loop and nothing else:
+
+* each captured pipe: drained with up to 16 non-blocking ``os.read`` calls per
+  wakeup straight into the :class:`OutputStore` (the pipe is always drained, so
+  the child never blocks on a full pipe because of a slow client);
+* the pidfd: readable once the main process exits; ``waitid(P_PIDFD)`` then
+  reaps exactly that child, so there is no ``waitpid(-1)`` race with anyone.
+
+State changes go through :func:`~sandboxd.engine._state.classify_exit`; the
+rules are in ``_state.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from ._state import ExitInfo, ProcessStatus, classify_exit
+from .cgroups import ProcessCgroup
+from .output import STDERR, STDOUT, OutputStore
+from .spawn import Child, SpawnSpec
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+READS_PER_WAKEUP = 16
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class StdinNotWritable(Exception):
+    pass
+
+
+class Process:
+    def __init__(
+        self,
+        handle: int,
+        spec: SpawnSpec,
+        child: Child,
+        cgroup: ProcessCgroup | None,
+        *,
+        output_cap: int,
+        drain_grace: float,
+        kill_tree_on_settle: bool = False,
+    ) -> None:
+        self.handle = handle
+        self.spec = spec
+        self.command = spec.command
+        self.args = list(spec.args)
+        self.pid = child.pid
+        self.started_at_ms = now_ms()
+        self.exit: ExitInfo | None = None
+        self.output = OutputStore(output_cap)
+        self.captured: tuple[int, ...] = tuple(
+            s for s, on in ((STDOUT, spec.capture_stdout), (STDERR, spec.capture_stderr)) if on
+        )
+        for s in (STDOUT, STDERR):
+            if s not in self.captured:
+                self.output.close_stream(s)
+        self.cgroup = cgroup
+        self.drain_grace = drain_grace
+        self.kill_tree_on_settle = kill_tree_on_settle
+        self.timed_out = False
+        self.kill_requested = False
+        self._popen = child.popen
+        self._pidfd: int | None = child.pidfd
+        self._fds: dict[int, int] = {}
+        if child.stdout is not None:
+            self._fds[STDOUT] = child.stdout
+        if child.stderr is not None:
+            self._fds[STDERR] = child.stderr
+        self._stdin: int | None = child.stdin
+        self._stdin_lock = asyncio.Lock()
+        self._stdin_waiter: asyncio.Future[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self.exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self.on_exit: list[Callable[[Process], None]] = []
+        self.on_settle: list[Callable[[Process], None]] = []
+
+    # --- watching ---
+
+    def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for stream, fd in self._fds.items():
+            loop.add_reader(fd, self._on_readable, stream)
+        assert self._pidfd is not None
+        loop.add_reader(self._pidfd, self._on_pidfd)
+
+    def set_timeout(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(max(0.0, seconds), self._on_deadline)
+
+    def _on_readable(self, stream: int) -> None:
+        fd = self._fds.get(stream)
+        if fd is None:
+            return
+        store = self.output
+        ts = now_ms()
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EIO and friends: treat as EOF
+                log.debug("read from pid %s failed: %s", self.pid, exc)
+                data = b""
+            if not data:
+                self._close_stream(stream)
+                return
+            store.append(stream, data, ts)
+
+    def _close_stream(self, stream: int) -> None:
+        fd = self._fds.pop(stream, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+        self.output.close_stream(stream)
+        if self.exit is not None and not self._fds:
+            self._settle()
+
+    def _on_pidfd(self) -> None:
+        pidfd = self._pidfd
+        if pidfd is None:
+            return
+        try:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            info = None
+        if info is None:
+            return  # spurious wakeup
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        self._pidfd = None
+        self._popen.returncode = 0  # reaped here; stop Popen from ever waiting on it
+        if self._deadline is not None:
+            self._deadline.cancel()
+        oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
+        self.exit = classify_exit(
+            info.si_code,
+            info.si_status,
+            ended_at_ms=now_ms(),
+            oom_kills=oom,
+            timed_out=self.timed_out,
+        )
+        self._close_stdin_fd()
+        if not self.exited.done():
+            self.exited.set_result(self.exit)
+        for cb in self.on_exit:
+            cb(self)
+        # Take in whatever is already in the pipes before deciding anything.
+        for stream in list(self._fds):
+            self._on_readable(stream)
+        if not self._fds:
+            self._settle()
+        else:
+            self._grace = loop.call_later(self.drain_grace, self._settle)
+
+    def _on_deadline(self) -> None:
+        if self.exit is None:
+            self.timed_out = True
+            self.kill_tree()
+
+    def _settle(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if self.output.settled:
+            return
+        if self.kill_tree_on_settle:
+            self.kill_tree()
+        self.output.settle()
+        for cb in self.on_settle:
+            cb(self)
+
+    # --- queries ---
+
+    @property
+    def running(self) -> bool:
+        return self.exit is None
+
+    @property
+    def status(self) -> ProcessStatus:
+        return ProcessStatus.RUNNING if self.exit is None else self.exit.status
+
+    @property
+    def stdin_writable(self) -> bool:
+        return self._stdin is not None and self.exit is None
+
+    @property
+    def stdin_piped(self) -> bool:
+        return self.spec.stdin_pipe
+
+    # --- control ---
+
+    def signal(self, sig: int) -> None:
+        """Deliver ``sig`` to the process group, as a terminal's job control would."""
+        if self.exit is not None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            # The group leader changed its group; fall back to the process itself.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the main process and every descendant, escaped sessions included."""
+        self.kill_requested = True
+        if self.exit is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            if self._pidfd is not None:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+    async def write_stdin(self, data: bytes) -> None:
+        if not self.stdin_writable:
+            raise StdinNotWritable(self._stdin_problem())
+        async with self._stdin_lock:
+            view = memoryview(data)
+            while view:
+                fd = self._stdin
+                if fd is None:
+                    raise StdinNotWritable("stdin was closed while writing")
+                try:
+                    n = os.write(fd, view)
+                except BlockingIOError:
+                    await self._wait_stdin_writable(fd)
+                    continue
+                except (BrokenPipeError, OSError) as exc:
+                    self._close_stdin_fd()
+                    raise StdinNotWritable(
+                        f"the process no longer reads stdin ({exc.strerror})"
+                    ) from exc
+                view = view[n:]
+
+    async def _wait_stdin_writable(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._stdin_waiter = fut
+        loop.add_writer(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self._stdin_waiter = None
+            if self._stdin == fd:
+                loop.remove_writer(fd)
+
+    def close_stdin(self) -> None:
+        self._close_stdin_fd()
+
+    def _close_stdin_fd(self) -> None:
+        fd = self._stdin
+        if fd is None:
+            return
+        self._stdin = None
+        asyncio.get_running_loop().remove_writer(fd)
+        os.close(fd)
+        waiter = self._stdin_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(StdinNotWritable("stdin was closed while writing"))
+
+    def _stdin_problem(self) -> str:
+        if not self.spec.stdin_pipe:
+            return f"Process {self.pid} was not started with stdin_mode=pipe"
+        if self.exit is not None:
+            return f"Process {self.pid} has exited"
+        return f"stdin of process {self.pid} is closed"
+
+    def release(self) -> None:
+        """Free every fd and the cgroup; the record is being forgotten."""
+        loop = asyncio.get_running_loop()
+        for stream in list(self._fds):
+            fd = self._fds.pop(stream)
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._close_stdin_fd()
+        for handle in (self._deadline, self._grace):
+            if handle is not None:
+                handle.cancel()
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self.output.settle()

@@ -1,0 +1,239 @@
+"""The process table: every process the daemon started, and their owner.
+
+Records are keyed by ``handle`` (one per spawn, from 1). ``pid`` and managed
+names are indexes pointing at the newest record that uses them, so a reused
+pid never shows an older process's status or output.
+
+The table is bounded: past ``max_records`` the oldest *exited* records are
+forgotten first. Running processes are never evicted.
+
+It also owns the daemon's duties as a parent: it marks itself a child
+subreaper (unless it is PID 1, which is one already) and reaps orphaned
+grandchildren that get reparented to it, by pid and never with
+``waitpid(-1)``, so it cannot steal an exit status from a process's pidfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .cgroups import CgroupLayout, ProcessCgroup
+from .process import Process
+from .spawn import SpawnError, SpawnSpec, build_env, resolve_command, resolve_working_dir, spawn
+
+log = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    output_cap_bytes: int = 16 << 20
+    max_line_bytes: int = 1 << 20
+    max_records: int = 1024
+    drain_grace_s: float = 0.5
+    process_memory_limit: int | None = None
+    process_pids_limit: int | None = 4096
+    use_cgroups: bool = True
+    subreaper: bool = True
+
+
+class ProcessNotFound(Exception):
+    pass
+
+
+class ProcessTable:
+    def __init__(self, settings: EngineSettings, cgroups: CgroupLayout | None = None) -> None:
+        self.settings = settings
+        self.cgroups = cgroups or CgroupLayout.detect(settings.use_cgroups)
+        self._records: OrderedDict[int, Process] = OrderedDict()  # handle -> process
+        self._by_pid: dict[int, int] = {}
+        self._next_handle = 1
+        self._live_pids: set[int] = set()
+        self._stale_cgroups: list[ProcessCgroup] = []
+        self._janitor: asyncio.Task[None] | None = None
+        self.spawned_total = 0
+        self.base_env = dict(os.environ)
+        self.cwd = os.getcwd()
+
+    # --- lifecycle of the table itself ---
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.settings.subreaper and os.getpid() != 1:
+            _set_subreaper()
+        loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
+        self._janitor = asyncio.create_task(self._janitor_loop(), name="process-table-janitor")
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_signal_handler(signal.SIGCHLD)
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        for proc in list(self._records.values()):
+            proc.kill_tree()
+        # Give the kernel a moment to deliver the kills, then reap and clean up.
+        deadline = loop.time() + 2.0
+        while any(p.running for p in self._records.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for proc in list(self._records.values()):
+            proc.release()
+            if proc.cgroup is not None:
+                self._stale_cgroups.append(proc.cgroup)
+        self._records.clear()
+        self._sweep_cgroups()
+        self.cgroups.remove_parents()
+
+    # --- starting ---
+
+    def start(
+        self, spec: SpawnSpec, *, timeout: float | None = None, kill_tree_on_settle: bool = False
+    ) -> Process:
+        """Start a process; raises :class:`SpawnError` when it cannot start."""
+        cwd = resolve_working_dir(spec.working_dir, self.cwd)
+        env = build_env(self.base_env, spec.user, spec.env)
+        path = resolve_command(spec.command, env.get("PATH"), cwd)
+        handle = self._next_handle
+        try:
+            cgroup = self.cgroups.create(
+                f"p{handle}",
+                memory_limit=self.settings.process_memory_limit,
+                pids_limit=self.settings.process_pids_limit,
+            )
+        except OSError as exc:
+            raise SpawnError("CGROUP_FAILED", f"cannot create the process's cgroup: {exc}") from exc
+        try:
+            child = spawn(spec, path, cwd, env, cgroup)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        self._next_handle += 1
+        self.spawned_total += 1
+        self._live_pids.add(child.pid)
+        proc = Process(
+            handle,
+            spec,
+            child,
+            cgroup,
+            output_cap=self.settings.output_cap_bytes,
+            drain_grace=self.settings.drain_grace_s,
+            kill_tree_on_settle=kill_tree_on_settle,
+        )
+        proc.on_exit.append(self._on_exit)
+        proc.on_settle.append(self._on_settle)
+        self._records[handle] = proc
+        self._by_pid[child.pid] = handle
+        proc.watch()
+        if timeout is not None:
+            proc.set_timeout(timeout)
+        self._evict()
+        return proc
+
+    def _on_exit(self, proc: Process) -> None:
+        self._live_pids.discard(proc.pid)
+
+    def _on_settle(self, proc: Process) -> None:
+        if proc.cgroup is not None and not proc.cgroup.remove():
+            self._stale_cgroups.append(proc.cgroup)
+
+    # --- lookup ---
+
+    def get(self, selector: str) -> Process:
+        """A process by pid (all digits) or, later, by managed name."""
+        if selector.isdigit():
+            handle = self._by_pid.get(int(selector))
+            if handle is not None and handle in self._records:
+                return self._records[handle]
+            raise ProcessNotFound(f"Process {int(selector)} not found")
+        raise ProcessNotFound(f"Process {selector} not found")
+
+    def by_handle(self, handle: int) -> Process | None:
+        return self._records.get(handle)
+
+    def all(self) -> list[Process]:
+        return list(self._records.values())
+
+    @property
+    def running_count(self) -> int:
+        return len(self._live_pids)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def forget(self, proc: Process) -> None:
+        self._records.pop(proc.handle, None)
+        if self._by_pid.get(proc.pid) == proc.handle:
+            del self._by_pid[proc.pid]
+        proc.release()
+        if proc.cgroup is not None and not proc.cgroup.remove():
+            proc.cgroup.kill()
+            self._stale_cgroups.append(proc.cgroup)
+
+    def _evict(self) -> None:
+        excess = len(self._records) - self.settings.max_records
+        if excess <= 0:
+            return
+        for proc in list(self._records.values()):
+            if excess <= 0:
+                break
+            if not proc.running and proc.output.settled:
+                self.forget(proc)
+                excess -= 1
+
+    # --- orphans and cgroups ---
+
+    def _reap_orphans(self) -> None:
+        """Reap reparented grandchildren, by pid, skipping the processes we own."""
+        for pid in _children_of_self():
+            if pid in self._live_pids:
+                continue
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+
+    def _sweep_cgroups(self) -> None:
+        still = []
+        for cg in self._stale_cgroups:
+            if not cg.remove():
+                still.append(cg)
+        self._stale_cgroups = still
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            self._sweep_cgroups()
+            self._reap_orphans()
+            self._evict()
+
+
+def _children_of_self() -> list[int]:
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _set_subreaper() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning("could not become a child subreaper: errno %d", ctypes.get_errno())
+    except OSError as exc:
+        log.warning("could not become a child subreaper: %s", exc)
