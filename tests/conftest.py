@@ -63,16 +63,30 @@ class Daemon:
                 self.proc.wait(5)
 
 
-def start_daemon(tmp_path: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None) -> Daemon:
+def start_daemon(
+    tmp_path: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None
+) -> Daemon:
     port = free_port()
     log_path = tmp_path / f"sandboxd-{port}.log"
-    cmd = [sys.executable, "-m", "sandboxd", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sandboxd",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     if token:
         cmd += ["--token", token]
     full_env = {**os.environ, **(env or {})}
     full_env.pop("SANDBOXD_TOKEN", None)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path
+        )
     daemon = Daemon(f"http://127.0.0.1:{port}", port, proc, log_path, token)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + 15
@@ -80,7 +94,10 @@ def start_daemon(tmp_path: Path, *args: str, token: str | None = None, env: dict
         if proc.poll() is not None:
             raise RuntimeError(f"sandboxd exited early:\n{daemon.log()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{daemon.url}/api/v1/health", headers=headers, timeout=1).status_code == 200:
+            if (
+                httpx.get(f"{daemon.url}/api/v1/health", headers=headers, timeout=1).status_code
+                == 200
+            ):
                 return daemon
         time.sleep(0.05)
     daemon.stop()
@@ -120,7 +137,9 @@ def http(daemon: Daemon) -> Iterator[httpx.Client]:
         yield client
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> object:
     """Poll until ``predicate()`` is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

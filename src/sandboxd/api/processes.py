@@ -46,15 +46,16 @@ def _process(request: web.Request) -> Process:
 
 
 async def read_json(request: web.Request) -> Any:
+    too_large = ApiError(
+        413, "PAYLOAD_TOO_LARGE", f"JSON bodies are limited to {MAX_JSON_BODY} bytes"
+    )
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise ApiError(
-            413, "PAYLOAD_TOO_LARGE", f"JSON bodies are limited to {MAX_JSON_BODY} bytes"
-        )
-    raw = await request.content.read(MAX_JSON_BODY + 1)
-    if len(raw) > MAX_JSON_BODY:
-        raise ApiError(
-            413, "PAYLOAD_TOO_LARGE", f"JSON bodies are limited to {MAX_JSON_BODY} bytes"
-        )
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.content.iter_any():
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise too_large
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

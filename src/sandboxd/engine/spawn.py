@@ -286,6 +286,10 @@ def _spawn_error(exc: OSError, command: str) -> SpawnError:
         return SpawnError("COMMAND_NOT_FOUND", f"command not found: {command}")
     if exc.errno in (errno.EACCES, errno.EPERM):
         return SpawnError("NOT_EXECUTABLE", f"permission denied: {command}")
+    if exc.errno == errno.E2BIG:
+        return SpawnError(
+            "ARGUMENT_LIST_TOO_LONG", f"cannot start {command}: argument list too long"
+        )
     if exc.errno == errno.ENOEXEC:
         return SpawnError("NOT_EXECUTABLE", f"exec format error: {command}")
     if exc.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):

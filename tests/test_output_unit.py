@@ -1,0 +1,134 @@
+"""The sans-IO parts of the engine: output store, line view, exit classification."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from sandboxd.engine._state import (
+    ExitReason,
+    ProcessStatus,
+    RestartPolicy,
+    classify_exit,
+    restart_decision,
+)
+from sandboxd.engine.output import STDERR, STDOUT, LineSplitter, OutputStore, snapshot_lines
+
+
+def lines_of(store: OutputStore, streams=(STDOUT, STDERR), max_line: int = 1 << 20) -> list[str]:  # type: ignore[no-untyped-def]
+    return [ln.text for ln in snapshot_lines(store, streams, max_line)]
+
+
+def test_split_on_newline_strip_crlf_and_final_line() -> None:
+    s = OutputStore(1 << 20)
+    s.append(STDOUT, b"a\r\nb\n\nc\rd\nlast", 1)
+    assert lines_of(s) == ["a", "b", "", "c\rd", "last"]
+
+
+def test_lines_join_across_chunks_and_keep_first_byte_timestamp() -> None:
+    s = OutputStore(1 << 20)
+    s.append(STDOUT, b"hel", 10)
+    s.append(STDOUT, b"lo\nwor", 20)
+    s.append(STDOUT, b"ld\n", 30)
+    got = snapshot_lines(s, (STDOUT,), 1 << 20)
+    assert [(ln.text, ln.timestamp_ms) for ln in got] == [("hello", 10), ("world", 20)]
+
+
+def test_invalid_utf8_becomes_replacement_and_split_sequences_survive() -> None:
+    s = OutputStore(1 << 20)
+    euro = "€".encode()
+    s.append(STDOUT, b"a" * 8191 + euro[:1], 1)
+    s.append(STDOUT, euro[1:] + b"\n\xff\xfebad\n", 2)
+    assert lines_of(s) == ["a" * 8191 + "€", "\ufffd\ufffdbad"]
+
+
+def test_combined_view_is_in_arrival_order() -> None:
+    s = OutputStore(1 << 20)
+    s.append(STDOUT, b"o1\n", 1)
+    s.append(STDERR, b"e1\n", 2)
+    s.append(STDOUT, b"o2\n", 3)
+    got = snapshot_lines(s, (STDOUT, STDERR), 1 << 20)
+    assert [(ln.stream, ln.text) for ln in got] == [(STDOUT, "o1"), (STDERR, "e1"), (STDOUT, "o2")]
+    assert lines_of(s, (STDERR,)) == ["e1"]
+
+
+def test_long_lines_are_cut_without_splitting_utf8() -> None:
+    splitter = LineSplitter((STDOUT,), max_line=10)
+    data = ("é" * 12).encode()  # 24 bytes, 2 bytes per char
+    out = splitter.feed([(STDOUT, 1, data)]) + splitter.flush()
+    assert "".join(ln.text for ln in out) == "é" * 12
+    assert all("\ufffd" not in ln.text for ln in out)
+    assert all(len(ln.text.encode()) <= 10 for ln in out)
+
+
+def test_cap_drops_oldest_and_counts_per_stream() -> None:
+    s = OutputStore(cap_bytes=1000)
+    for i in range(100):
+        s.append(STDOUT if i % 2 == 0 else STDERR, b"x" * 99 + b"\n", i)
+    assert s.retained_bytes <= 1000
+    assert s.total == [5000, 5000]
+    assert s.dropped[STDOUT] > 0 and s.dropped[STDERR] > 0
+    assert s.total[STDOUT] - s.dropped[STDOUT] == len(s.bytes_of(STDOUT))
+    # A reader that started at 0 learns how much it missed.
+    _, chunks, missed = s.read(0)
+    assert missed == s.start_seq > 0
+    assert len(chunks) == s.end_seq - s.start_seq
+
+
+def test_store_is_byte_exact() -> None:
+    s = OutputStore(1 << 20)
+    blob = os.urandom(100_000)
+    for i in range(0, len(blob), 4096):
+        s.append(STDOUT, blob[i : i + 4096], i)
+    assert s.bytes_of(STDOUT) == blob
+
+
+def test_classify_exit() -> None:
+    ex = classify_exit(os.CLD_EXITED, 3, ended_at_ms=5)
+    assert (ex.status, ex.reason, ex.exit_code, ex.signal) == (
+        ProcessStatus.EXITED,
+        ExitReason.EXITED,
+        3,
+        None,
+    )
+    ex = classify_exit(os.CLD_KILLED, signal.SIGKILL, ended_at_ms=5)
+    assert (ex.status, ex.reason, ex.signal) == (ProcessStatus.SIGNALED, ExitReason.SIGNALED, 9)
+    ex = classify_exit(os.CLD_KILLED, signal.SIGKILL, ended_at_ms=5, oom_kills=1)
+    assert (ex.status, ex.reason, ex.oom_killed) == (
+        ProcessStatus.OOM_KILLED,
+        ExitReason.OOM_KILLED,
+        True,
+    )
+    ex = classify_exit(os.CLD_KILLED, signal.SIGKILL, ended_at_ms=5, oom_kills=1, timed_out=True)
+    assert ex.reason is ExitReason.TIMED_OUT and ex.status is ProcessStatus.SIGNALED
+    # Another signal with an OOM count in the cgroup (a child was OOM-killed) is not an OOM.
+    ex = classify_exit(os.CLD_KILLED, signal.SIGTERM, ended_at_ms=5, oom_kills=1)
+    assert ex.reason is ExitReason.SIGNALED
+    assert classify_exit(os.CLD_DUMPED, signal.SIGSEGV, ended_at_ms=5).signal == signal.SIGSEGV
+
+
+def test_restart_backoff_grows_and_caps() -> None:
+    crash = classify_exit(os.CLD_EXITED, 1, ended_at_ms=0)
+    delays = [
+        restart_decision(
+            RestartPolicy.ALWAYS,
+            crash,
+            restart_count=i,
+            max_restarts=None,
+            backoff_step=i,
+            initial_backoff_ms=100,
+            max_backoff_ms=1000,
+        ).delay_ms
+        for i in range(6)
+    ]
+    assert delays == [100, 200, 400, 800, 1000, 1000]
+    ok = classify_exit(os.CLD_EXITED, 0, ended_at_ms=0)
+    kw = dict(
+        restart_count=0, max_restarts=None, backoff_step=0, initial_backoff_ms=1, max_backoff_ms=1
+    )
+    assert restart_decision(RestartPolicy.ON_FAILURE, ok, **kw).restart is False  # type: ignore[arg-type]
+    assert restart_decision(RestartPolicy.ALWAYS, ok, **kw).restart is True  # type: ignore[arg-type]
+    stop = restart_decision(
+        RestartPolicy.ALWAYS, crash, **{**kw, "restart_count": 3, "max_restarts": 3}
+    )  # type: ignore[arg-type]
+    assert stop.restart is False and "max_restarts" in (stop.reason or "")
