@@ -285,6 +285,7 @@ def test_run_as_another_user(sbx, tmp_path) -> None:  # type: ignore[no-untyped-
     r = sbx.run("sh", args=["-c", 'id -u; id -g; echo "$HOME|$USER|$LOGNAME"'], user="nobody")
     assert r.exit_code == 0, r.stderr
     uid, gid, names = r.stdout.splitlines()
+    assert gid == "65534"  # nobody's primary group, nogroup
     assert uid == "65534"
     assert names.endswith("|nobody|nobody")
     r = sbx.run("id", args=["-u"], user="1234:4321")

@@ -76,6 +76,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="tasks per process tree, 0 for no limit [SANDBOXD_PROCESS_PIDS_LIMIT] (default 4096)",
     )
     p.add_argument(
+        "--stop-grace-ms",
+        type=int,
+        default=int(env("SANDBOXD_STOP_GRACE_MS", "10000") or 10000),
+        help="DELETE of a managed process: SIGTERM, then SIGKILL after this long [SANDBOXD_STOP_GRACE_MS] (default 10000)",
+    )
+    p.add_argument(
         "--no-cgroups",
         action="store_true",
         default=env("SANDBOXD_NO_CGROUPS") == "1",
@@ -104,6 +110,7 @@ def build_settings(ns: argparse.Namespace) -> Settings:
         process_pids_limit=ns.process_pids_limit or None,
         use_cgroups=not ns.no_cgroups,
         subreaper=not ns.no_subreaper,
+        stop_grace_s=ns.stop_grace_ms / 1000.0,
     )
     return Settings(host=ns.host, port=ns.port, token=ns.token or None, engine=engine)
 

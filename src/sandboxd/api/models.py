@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..engine._state import ExitInfo, RestartPolicy
+from ..engine.health import HealthCheckConfig
+from ..engine.managed import RestartConfig, Supervisor
 from ..engine.output import STDERR, STDOUT
 from ..engine.process import Process
 from ..engine.spawn import SpawnSpec, resolve_user
@@ -69,10 +72,70 @@ class CommandRequest(_Strict):
         return v
 
 
+class RestartModel(_Strict):
+    policy: Literal["never", "on_failure", "always"] = "on_failure"
+    max_restarts: Annotated[int, Field(ge=0)] | None = None
+    initial_backoff_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 500
+    max_backoff_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 30_000
+
+    def config(self) -> RestartConfig:
+        return RestartConfig(
+            RestartPolicy(self.policy),
+            self.max_restarts,
+            self.initial_backoff_ms,
+            max(self.max_backoff_ms, self.initial_backoff_ms),
+        )
+
+
+class HealthCheckModel(_Strict):
+    type: Literal["http", "tcp"]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    path: str | None = None
+    initial_delay_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 5000
+    interval_ms: Annotated[int, Field(ge=10, le=86_400_000)] = 1000
+    timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 500
+    failure_threshold: Annotated[int, Field(ge=1, le=1_000_000)] = 3
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str | None) -> str | None:
+        if v is not None and any(c in v for c in "\r\n\x00 "):
+            raise ValueError("path must not contain spaces, CR, LF or NUL")
+        return v
+
+    def config(self) -> HealthCheckConfig:
+        return HealthCheckConfig(
+            self.type,
+            self.port,
+            self.path,
+            self.initial_delay_ms,
+            self.interval_ms,
+            self.timeout_ms,
+            self.failure_threshold,
+        )
+
+
 class StartProcessRequest(CommandRequest):
     stdin_mode: Literal["closed", "pipe"] = "closed"
     stdout_mode: Literal["capture", "discard"] = "capture"
     stderr_mode: Literal["capture", "discard"] = "capture"
+    name: str | None = None
+    restart: RestartModel | None = None
+    health_check: HealthCheckModel | None = None
+    # Ours, beyond the contract: how long DELETE waits between SIGTERM and SIGKILL.
+    stop_grace_ms: Annotated[int, Field(ge=0, le=3_600_000)] | None = None
+
+    @property
+    def managed(self) -> bool:
+        return self.name is not None or self.restart is not None or self.health_check is not None
+
+    def restart_config(self) -> RestartConfig:
+        # A name or a health check alone asks for supervision without restarts.
+        return (
+            self.restart.config()
+            if self.restart is not None
+            else RestartConfig(RestartPolicy.NEVER)
+        )
 
 
 class RunRequest(CommandRequest):
@@ -140,7 +203,51 @@ def process_info(proc: Process) -> dict[str, Any]:
         "args": proc.args,
         "started_at": proc.started_at_ms,
         "ended_at": ex.ended_at_ms if ex else None,
-        "managed": None,
+        "managed": managed_info(proc.supervisor) if proc.supervisor is not None else None,
+    }
+
+
+def _last_exit(ex: ExitInfo | None) -> dict[str, Any] | None:
+    if ex is None:
+        return None
+    return {
+        "exit_code": ex.exit_code,
+        "signal": ex.signal,
+        "oom_killed": ex.oom_killed,
+        "ended_at": ex.ended_at_ms,
+    }
+
+
+def managed_info(sup: Supervisor) -> dict[str, Any]:
+    r = sup.restart
+    hc = sup.health_check
+    return {
+        "id": sup.id,
+        "name": sup.name,
+        "status": sup.status.value,
+        "restart_count": sup.restart_count,
+        "restart": {
+            "policy": r.policy.value,
+            "max_restarts": r.max_restarts,
+            "initial_backoff_ms": r.initial_backoff_ms,
+            "max_backoff_ms": r.max_backoff_ms,
+        },
+        "health_check": None
+        if hc is None
+        else {
+            "type": hc.type,
+            "port": hc.port,
+            "path": hc.path,
+            "initial_delay_ms": hc.initial_delay_ms,
+            "interval_ms": hc.interval_ms,
+            "timeout_ms": hc.timeout_ms,
+            "failure_threshold": hc.failure_threshold,
+        },
+        "health_status": sup.health_status,
+        "consecutive_health_failures": sup.consecutive_health_failures,
+        "last_exit": _last_exit(sup.last_exit),
+        "last_error": sup.last_error,
+        "next_restart_at": sup.next_restart_at,
     }
 
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
+from ..engine.managed import SupervisionStopped
 from ..engine.output import follow, snapshot_lines
 from ..engine.process import Process, StdinNotWritable
 from ..engine.spawn import SpawnError
-from ..engine.table import ProcessNotFound, ProcessTable
+from ..engine.table import NameInUse, ProcessNotFound, ProcessTable, name_problem
 from . import sse
 from .errors import ApiError, bad_request, not_found
 from .models import (
@@ -78,7 +79,23 @@ def _start(table: ProcessTable, req: Any, **kwargs: Any) -> Process:
 @routes.post("/api/v1/processes")
 async def start_process(request: web.Request) -> web.Response:
     req = parse(StartProcessRequest, await read_json(request))
-    proc = _start(_table(request), req)
+    table = _table(request)
+    if not req.managed:
+        return _json(process_info(_start(table, req)), status=201)
+    if req.name is not None and (problem := name_problem(req.name)):
+        raise bad_request("INVALID_NAME", problem)
+    try:
+        proc = table.start_managed(
+            to_spawn_spec(req),
+            name=req.name,
+            restart=req.restart_config(),
+            health_check=req.health_check.config() if req.health_check else None,
+            stop_grace_s=None if req.stop_grace_ms is None else req.stop_grace_ms / 1000,
+        )
+    except SpawnError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    except NameInUse as exc:
+        raise ApiError(409, "NAME_IN_USE", str(exc)) from None
     return _json(process_info(proc), status=201)
 
 
@@ -94,13 +111,39 @@ async def get_process(request: web.Request) -> web.Response:
 
 @routes.delete("/api/v1/processes/{p}")
 async def kill_process(request: web.Request) -> web.Response:
-    """Kill the whole tree; idempotent on a process that already exited."""
+    """Kill the whole tree; idempotent on a process that already exited.
+
+    A managed process is stopped for good: SIGTERM to its tree, SIGKILL after
+    the stop grace, and no restart ever after.
+    """
     proc = _process(request)
+    if proc.supervisor is not None:
+        await proc.supervisor.delete()
+        return web.Response(status=204)
     proc.kill_tree()
     if proc.running:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(proc.exited), KILL_WAIT_S)
     return web.Response(status=204)
+
+
+@routes.post("/api/v1/processes/{p}/restart")
+async def restart_process(request: web.Request) -> web.Response:
+    proc = _process(request)
+    sup = proc.supervisor
+    if sup is None:
+        raise bad_request(
+            "NOT_MANAGED",
+            f"Process {proc.pid} is not managed; only processes started with a name, "
+            "restart policy or health check can be restarted",
+        )
+    try:
+        new = await sup.restart_now()
+    except SupervisionStopped as exc:
+        raise ApiError(409, "PROCESS_DELETED", str(exc)) from None
+    except SpawnError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return _json(process_info(new))
 
 
 @routes.post("/api/v1/processes/{p}/signal")

@@ -22,11 +22,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ._state import ExitInfo, ProcessStatus, classify_exit
 from .cgroups import ProcessCgroup
 from .output import STDERR, STDOUT, OutputStore
 from .spawn import Child, SpawnSpec
+
+if TYPE_CHECKING:
+    from .managed import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ class Process:
         self.exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self.on_exit: list[Callable[[Process], None]] = []
         self.on_settle: list[Callable[[Process], None]] = []
+        self.supervisor: Supervisor | None = None
 
     # --- watching ---
 
@@ -227,6 +232,31 @@ class Process:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         if self.cgroup is not None:
             self.cgroup.kill()
+
+    def signal_tree(self, sig: int) -> None:
+        """Send ``sig`` to the group and to every process in the cgroup (escaped sessions too)."""
+        self.signal(sig)
+        if self.cgroup is not None:
+            for pid in self.cgroup.pids_in():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+
+    async def terminate(self, grace_s: float) -> None:
+        """SIGTERM the whole tree, SIGKILL whatever is left after ``grace_s``; wait for the exit."""
+        loop = asyncio.get_running_loop()
+        self.signal_tree(signal.SIGTERM)
+        deadline = loop.time() + max(0.0, grace_s)
+        while loop.time() < deadline:
+            if self.exit is not None and (self.cgroup is None or not self.cgroup.populated()):
+                break
+            if self.exit is None:
+                await asyncio.wait(
+                    [asyncio.shield(self.exited)], timeout=min(0.05, deadline - loop.time())
+                )
+            else:
+                await asyncio.sleep(0.02)
+        self.kill_tree()
+        await asyncio.shield(self.exited)
 
     async def write_stdin(self, data: bytes) -> None:
         if not self.stdin_writable:

@@ -25,6 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .cgroups import CgroupLayout, ProcessCgroup
+from .health import HealthCheckConfig
+from .managed import RestartConfig, Supervisor
 from .process import Process
 from .spawn import SpawnError, SpawnSpec, build_env, resolve_command, resolve_working_dir, spawn
 
@@ -43,10 +45,28 @@ class EngineSettings:
     process_pids_limit: int | None = 4096
     use_cgroups: bool = True
     subreaper: bool = True
+    stop_grace_s: float = 10.0
 
 
 class ProcessNotFound(Exception):
     pass
+
+
+class NameInUse(Exception):
+    pass
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a managed process, or None when it can."""
+    if not name:
+        return "a process name must not be empty"
+    if "/" in name:
+        return "a process name must not contain '/'"
+    if name.isdigit():
+        return "a process name must not be all digits (digits select a pid)"
+    if "\x00" in name:
+        return "a process name must not contain NUL"
+    return None
 
 
 class ProcessTable:
@@ -57,6 +77,9 @@ class ProcessTable:
         self._by_pid: dict[int, int] = {}
         self._next_handle = 1
         self._live_pids: set[int] = set()
+        self._names: dict[str, Supervisor] = {}
+        self._supervisors: list[Supervisor] = []
+        self._next_managed_id = 1
         self._stale_cgroups: list[ProcessCgroup] = []
         self._janitor: asyncio.Task[None] | None = None
         self.spawned_total = 0
@@ -79,6 +102,8 @@ class ProcessTable:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._janitor
+        for sup in self._supervisors:
+            await sup.close()
         for proc in list(self._records.values()):
             proc.kill_tree()
         # Give the kernel a moment to deliver the kills, then reap and clean up.
@@ -99,6 +124,48 @@ class ProcessTable:
         self, spec: SpawnSpec, *, timeout: float | None = None, kill_tree_on_settle: bool = False
     ) -> Process:
         """Start a process; raises :class:`SpawnError` when it cannot start."""
+        proc = self._spawn(spec, kill_tree_on_settle=kill_tree_on_settle)
+        if timeout is not None:
+            proc.set_timeout(timeout)
+        return proc
+
+    def start_managed(
+        self,
+        spec: SpawnSpec,
+        *,
+        name: str | None,
+        restart: RestartConfig,
+        health_check: HealthCheckConfig | None,
+        stop_grace_s: float | None = None,
+    ) -> Process:
+        """Start a supervised process; raises :class:`NameInUse` or :class:`SpawnError`."""
+        if name is not None:
+            holder = self._names.get(name)
+            if holder is not None and holder.live:
+                raise NameInUse(f"a managed process named {name!r} is already running")
+        managed_id = name if name is not None else f"managed-{self._next_managed_id}"
+        sup = Supervisor(
+            managed_id,
+            name,
+            restart,
+            health_check,
+            self.settings.stop_grace_s if stop_grace_s is None else stop_grace_s,
+            lambda s: self._spawn(spec, supervisor=s),
+        )
+        proc = sup.begin()
+        self._next_managed_id += 1
+        self._supervisors.append(sup)
+        if name is not None:
+            self._names[name] = sup
+        return proc
+
+    def _spawn(
+        self,
+        spec: SpawnSpec,
+        *,
+        kill_tree_on_settle: bool = False,
+        supervisor: Supervisor | None = None,
+    ) -> Process:
         cwd = resolve_working_dir(spec.working_dir, self.cwd)
         env = build_env(self.base_env, spec.user, spec.env)
         path = resolve_command(spec.command, env.get("PATH"), cwd)
@@ -129,13 +196,12 @@ class ProcessTable:
             drain_grace=self.settings.drain_grace_s,
             kill_tree_on_settle=kill_tree_on_settle,
         )
+        proc.supervisor = supervisor
         proc.on_exit.append(self._on_exit)
         proc.on_settle.append(self._on_settle)
         self._records[handle] = proc
         self._by_pid[child.pid] = handle
         proc.watch()
-        if timeout is not None:
-            proc.set_timeout(timeout)
         self._evict()
         return proc
 
@@ -149,12 +215,15 @@ class ProcessTable:
     # --- lookup ---
 
     def get(self, selector: str) -> Process:
-        """A process by pid (all digits) or, later, by managed name."""
+        """A process by pid (all digits) or by managed name (its current incarnation)."""
         if selector.isdigit():
             handle = self._by_pid.get(int(selector))
             if handle is not None and handle in self._records:
                 return self._records[handle]
             raise ProcessNotFound(f"Process {int(selector)} not found")
+        sup = self._names.get(selector)
+        if sup is not None and sup.current is not None and sup.current.handle in self._records:
+            return sup.current
         raise ProcessNotFound(f"Process {selector} not found")
 
     def by_handle(self, handle: int) -> Process | None:
@@ -174,6 +243,12 @@ class ProcessTable:
         self._records.pop(proc.handle, None)
         if self._by_pid.get(proc.pid) == proc.handle:
             del self._by_pid[proc.pid]
+        sup = proc.supervisor
+        if sup is not None and sup.current is proc and not sup.live:
+            # The supervisor's last incarnation is gone: forget the supervisor too.
+            self._supervisors.remove(sup)
+            if sup.name is not None and self._names.get(sup.name) is sup:
+                del self._names[sup.name]
         proc.release()
         if proc.cgroup is not None and not proc.cgroup.remove():
             proc.cgroup.kill()
@@ -186,9 +261,13 @@ class ProcessTable:
         for proc in list(self._records.values()):
             if excess <= 0:
                 break
-            if not proc.running and proc.output.settled:
-                self.forget(proc)
-                excess -= 1
+            if proc.running or not proc.output.settled:
+                continue
+            sup = proc.supervisor
+            if sup is not None and sup.current is proc and sup.live:
+                continue  # a supervisor about to restart still needs its current record
+            self.forget(proc)
+            excess -= 1
 
     # --- orphans and cgroups ---
 
