@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal as _signal
+import time
 from typing import Any
 
 from aiohttp import web
@@ -217,9 +218,10 @@ async def follow_output(request: web.Request) -> web.StreamResponse:
     proc = _process(request)
     streams = _stream_names(request)
     resp = await sse.open_stream(request)
-    await _pump(request, resp, proc, streams, tag_stream=len(streams) > 1)
-    await resp.write(sse.EOF_EVENT)
-    await resp.write_eof()
+    with contextlib.suppress(ConnectionResetError):  # the follower went away: nothing to do
+        await _pump(request, resp, proc, streams, tag_stream=len(streams) > 1)
+        await resp.write(sse.EOF_EVENT)
+        await resp.write_eof()
     return resp
 
 
@@ -232,9 +234,13 @@ async def _pump(
     tag_stream: bool,
 ) -> None:
     """Send every line of ``streams`` until the process is over and drained."""
-    max_line = _table(request).settings.max_line_bytes
+    table = _table(request)
+    budget = table.egress_budget
     reported = 0
-    async for batch in follow(proc.output, streams, max_line=max_line):
+    async for batch in follow(
+        proc.output, streams, max_line=table.settings.max_line_bytes, budget=budget
+    ):
+        started = time.perf_counter()
         out = []
         if batch.missed_chunks:
             dropped = sum(proc.output.dropped[s] for s in streams)
@@ -246,7 +252,9 @@ async def _pump(
         if batch.idle:
             out.append(sse.KEEPALIVE)
         if out:
-            await resp.write(b"".join(out))
+            data = b"".join(out)
+            budget.charge(time.perf_counter() - started)
+            await resp.write(data)
 
 
 @routes.post("/api/v1/processes/run")
@@ -258,6 +266,7 @@ async def run_process(request: web.Request) -> web.StreamResponse:
     """
     req = parse(RunRequest, await read_json(request))
     proc = _start(_table(request), req, timeout=req.deadline, kill_tree_on_settle=True)
+    resp = web.StreamResponse()
     try:
         resp = await sse.open_stream(request)
         await resp.write(
@@ -278,6 +287,8 @@ async def run_process(request: web.Request) -> web.StreamResponse:
         await resp.write(sse.event("exit", payload))
         await resp.write_eof()
         return resp
+    except ConnectionResetError:
+        return resp  # the client went away; the finally below ends the process
     finally:
         if proc.running or not proc.output.settled:
             proc.kill_tree()

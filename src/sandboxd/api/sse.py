@@ -14,7 +14,7 @@ from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-
 
 from aiohttp import web
 
-from ..engine.output import STREAM_NAMES, Line
+from ..engine.output import STREAM_NAMES, LineRun
 
 KEEPALIVE = b": keep-alive\n\n"
 EOF_EVENT = b"event: eof\ndata: {}\n\n"
@@ -37,18 +37,20 @@ def event(name: str, payload: dict[str, object]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
-def output_events(lines: Iterable[Line], tag_stream: bool) -> bytes:
-    if tag_stream:
-        parts = [
-            f'event: output\ndata: {{"line":{_quote(ln.text)},"timestamp":{ln.timestamp_ms},'
-            f'"stream":"{STREAM_NAMES[ln.stream]}"}}\n\n'
-            for ln in lines
-        ]
-    else:
-        parts = [
-            f'event: output\ndata: {{"line":{_quote(ln.text)},"timestamp":{ln.timestamp_ms}}}\n\n'
-            for ln in lines
-        ]
+def output_events(runs: Iterable[LineRun], tag_stream: bool) -> bytes:
+    """Format runs of lines as ``output`` events, one ``join`` per run.
+
+    Lines of a run share stream and timestamp, so each event is
+    ``prefix + quoted line + suffix`` and a run is one C-level join.
+    """
+    parts = []
+    prefix = 'event: output\ndata: {"line":'
+    for run in runs:
+        tag = f',"stream":"{STREAM_NAMES[run.stream]}"' if tag_stream else ""
+        suffix = f',"timestamp":{run.timestamp_ms}{tag}}}\n\n'
+        parts.append(prefix)
+        parts.append((suffix + prefix).join(map(_quote, run.texts)))
+        parts.append(suffix)
     return "".join(parts).encode()
 
 

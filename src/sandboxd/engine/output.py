@@ -24,8 +24,12 @@ the :class:`Broadcast` that wakes waiting readers.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from .fairness import LoopBudget
 
 STDOUT = 0
 STDERR = 1
@@ -158,15 +162,28 @@ class OutputStore:
         return b"".join(data for s, _ts, data in chunks if s == stream)
 
 
-@dataclass(slots=True)
-class Line:
+class Line(NamedTuple):
     stream: int
     timestamp_ms: int
     text: str
 
 
+class LineRun(NamedTuple):
+    """Consecutive lines of one stream that share a timestamp."""
+
+    stream: int
+    timestamp_ms: int
+    texts: list[str]
+
+
 class LineSplitter:
-    """Turns chunks into lines, one partial-line buffer per stream."""
+    """Turns chunks into runs of lines, one partial-line buffer per stream.
+
+    The hot path splits and decodes a whole chunk with one C call each
+    (``bytes.find``/``decode``/``str.split``); only the line that continues a
+    partial one and the tail are handled on their own. That is equivalent to
+    decoding line by line because ``\n`` never occurs inside a UTF-8 sequence.
+    """
 
     __slots__ = ("_pending", "_pending_ts", "max_line", "streams")
 
@@ -176,65 +193,102 @@ class LineSplitter:
         self._pending: list[bytearray] = [bytearray(), bytearray()]
         self._pending_ts = [0, 0]
 
-    def feed(self, chunks: Iterable[Chunk]) -> list[Line]:
-        out: list[Line] = []
+    def feed(self, chunks: Iterable[Chunk]) -> list[LineRun]:
+        out: list[LineRun] = []
         streams = self.streams
+        max_line = self.max_line
         for stream, ts, data in chunks:
             if stream not in streams or not data:
                 continue
             pending = self._pending[stream]
             if not pending:
                 self._pending_ts[stream] = ts
-            start = 0
-            while True:
-                nl = data.find(b"\n", start)
-                if nl < 0:
-                    break
-                if pending:
-                    pending += data[start:nl]
-                    raw = bytes(pending)
-                    pending.clear()
+            first = data.find(b"\n")
+            if first < 0:
+                pending += data
+                if len(pending) >= max_line:
+                    out.extend(self._cut(stream, ts))
+                continue
+            if pending:
+                pending += data[:first]
+                head = bytes(pending)
+                pending.clear()
+            else:
+                head = data[:first]
+            out.extend(self._lines(stream, self._pending_ts[stream], head))
+            last = data.rfind(b"\n")
+            if last > first:
+                block = data[first + 1 : last]
+                if last - first - 1 > max_line:
+                    for raw in block.split(b"\n"):
+                        out.extend(self._lines(stream, ts, raw))
                 else:
-                    raw = data[start:nl]
-                out.append(Line(stream, self._pending_ts[stream], _decode(raw)))
+                    text = block.decode("utf-8", "replace")
+                    if "\r" in text:
+                        text = text.replace("\r\n", "\n")
+                        if text.endswith("\r"):
+                            text = text[:-1]
+                    out.append(LineRun(stream, ts, text.split("\n")))
+            if last + 1 < len(data):
+                pending += data[last + 1 :]
                 self._pending_ts[stream] = ts
-                start = nl + 1
-            if start < len(data):
-                pending += data[start:]
-                if len(pending) >= self.max_line:
+                if len(pending) >= max_line:
                     out.extend(self._cut(stream, ts))
         return out
 
-    def _cut(self, stream: int, ts: int) -> Iterator[Line]:
+    def _lines(self, stream: int, ts: int, raw: bytes) -> list[LineRun]:
+        """One complete line, cut into pieces when it is longer than ``max_line``."""
+        if len(raw) <= self.max_line:
+            return [LineRun(stream, ts, [_decode(raw)])]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        buf = bytearray(raw)
+        pieces = []
+        while len(buf) > self.max_line:
+            end = _utf8_boundary(buf, self.max_line)
+            pieces.append(bytes(buf[:end]).decode("utf-8", "replace"))
+            del buf[:end]
+        pieces.append(bytes(buf).decode("utf-8", "replace"))
+        return [LineRun(stream, ts, pieces)]
+
+    def _cut(self, stream: int, ts: int) -> Iterator[LineRun]:
         pending = self._pending[stream]
         while len(pending) >= self.max_line:
             end = _utf8_boundary(pending, self.max_line)
+            if end > 1 and pending[end - 1] == 0x0D:
+                end -= 1  # keep a CR with the byte after it: it may be half of a CRLF
             piece = bytes(pending[:end])
             del pending[:end]
-            yield Line(stream, self._pending_ts[stream], piece.decode("utf-8", "replace"))
+            yield LineRun(stream, self._pending_ts[stream], [piece.decode("utf-8", "replace")])
             self._pending_ts[stream] = ts
 
-    def flush(self) -> list[Line]:
+    def flush(self) -> list[LineRun]:
         """Emit the unterminated tail of each stream as a final line."""
         out = []
         for stream in self.streams:
             pending = self._pending[stream]
             if pending:
-                out.append(Line(stream, self._pending_ts[stream], _decode(bytes(pending))))
+                out.append(LineRun(stream, self._pending_ts[stream], [_decode(bytes(pending))]))
                 pending.clear()
         return out
 
 
 def _utf8_boundary(buf: bytearray, end: int) -> int:
-    """Move ``end`` back (at most 3 bytes) so a UTF-8 sequence is not cut in two."""
-    if end >= len(buf):
-        return end
-    for back in range(4):
+    """Move ``end`` back so ``buf[:end]`` does not stop inside a UTF-8 sequence.
+
+    Decided from the bytes before ``end`` only, since the rest of a sequence
+    may not have arrived yet.
+    """
+    for back in range(1, 4):
         i = end - back
         if i <= 0:
             break
-        if (buf[i] & 0xC0) != 0x80:
-            return i
+        b = buf[i]
+        if b & 0xC0 == 0x80:
+            continue  # a continuation byte: look further back for its lead
+        if b >= 0xC0 and back < (2 if b < 0xE0 else 3 if b < 0xF0 else 4):
+            return i  # the sequence starting at i would run past end
+        break
     return end
 
 
@@ -248,16 +302,20 @@ def snapshot_lines(store: OutputStore, streams: tuple[int, ...], max_line: int) 
     """All retained lines of ``streams``, including an unterminated tail."""
     splitter = LineSplitter(streams, max_line)
     _, chunks, _ = store.read(store.start_seq)
-    lines = splitter.feed(chunks)
-    lines.extend(splitter.flush())
-    return lines
+    runs = splitter.feed(chunks)
+    runs.extend(splitter.flush())
+    return [Line(r.stream, r.timestamp_ms, t) for r in runs for t in r.texts]
+
+
+def count_lines(runs: Iterable[LineRun]) -> int:
+    return sum(len(r.texts) for r in runs)
 
 
 @dataclass(slots=True)
 class Batch:
     """What a follower sends in one write."""
 
-    lines: list[Line]
+    lines: list[LineRun]
     missed_chunks: int  # chunks dropped from the head before this reader got to them
     final: bool  # the process is over and everything was read: send EOF after this
     idle: bool = False  # nothing happened for a while: a keep-alive is due
@@ -268,7 +326,8 @@ async def follow(
     streams: tuple[int, ...],
     *,
     max_line: int,
-    batch_bytes: int = 256 << 10,
+    budget: LoopBudget | None = None,
+    batch_bytes: int = 64 << 10,
     idle_after: float = 15.0,
 ) -> AsyncIterator[Batch]:
     """Replay everything retained, then go live, then end once settled.
@@ -280,9 +339,14 @@ async def follow(
     splitter = LineSplitter(streams, max_line)
     seq = 0
     while True:
+        if budget is not None:
+            await budget.turn()
+        started = time.perf_counter()
         settled = store.settled
         seq, chunks, missed = store.read(seq, batch_bytes)
         lines = splitter.feed(chunks)
+        if budget is not None:
+            budget.charge(time.perf_counter() - started)
         caught_up = seq >= store.end_seq
         if settled and caught_up:
             lines.extend(splitter.flush())
@@ -290,7 +354,11 @@ async def follow(
             return
         if lines or missed:
             yield Batch(lines, missed, final=False)
-        if caught_up:
+        if not caught_up:
+            # A write to a fast client may never suspend: hand the loop back so
+            # one follower cannot hold it for a whole backlog.
+            await asyncio.sleep(0)
+        else:
             try:
                 await asyncio.wait_for(asyncio.shield(store.changed.wait()), idle_after)
             except TimeoutError:

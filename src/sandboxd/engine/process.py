@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from ._state import ExitInfo, ProcessStatus, classify_exit
 from .cgroups import ProcessCgroup
+from .fairness import LoopBudget
 from .output import STDERR, STDOUT, OutputStore
 from .spawn import Child, SpawnSpec
 
@@ -57,8 +58,10 @@ class Process:
         output_cap: int,
         drain_grace: float,
         kill_tree_on_settle: bool = False,
+        budget: LoopBudget | None = None,
     ) -> None:
         self.handle = handle
+        self._budget = budget
         self.spec = spec
         self.command = spec.command
         self.args = list(spec.args)
@@ -107,24 +110,38 @@ class Process:
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(max(0.0, seconds), self._on_deadline)
 
-    def _on_readable(self, stream: int) -> None:
+    def _on_readable(self, stream: int, drain: bool = False) -> None:
         fd = self._fds.get(stream)
         if fd is None:
             return
+        budget = None if drain else self._budget
+        if budget is not None and not budget.allow():
+            return  # our turn comes next iteration: the fd stays readable
         store = self.output
         ts = now_ms()
-        for _ in range(READS_PER_WAKEUP):
-            try:
-                data = os.read(fd, READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:  # EIO and friends: treat as EOF
-                log.debug("read from pid %s failed: %s", self.pid, exc)
-                data = b""
-            if not data:
-                self._close_stream(stream)
-                return
-            store.append(stream, data, ts)
+        started = time.perf_counter()
+        try:
+            for i in range(READS_PER_WAKEUP):
+                if (
+                    i
+                    and budget is not None
+                    and budget.spent + time.perf_counter() - started > budget.slice_s
+                ):
+                    return
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError as exc:  # EIO and friends: treat as EOF
+                    log.debug("read from pid %s failed: %s", self.pid, exc)
+                    data = b""
+                if not data:
+                    self._close_stream(stream)
+                    return
+                store.append(stream, data, ts)
+        finally:
+            if budget is not None:
+                budget.charge(time.perf_counter() - started)
 
     def _close_stream(self, stream: int) -> None:
         fd = self._fds.pop(stream, None)
@@ -167,7 +184,7 @@ class Process:
             cb(self)
         # Take in whatever is already in the pipes before deciding anything.
         for stream in list(self._fds):
-            self._on_readable(stream)
+            self._on_readable(stream, drain=True)
         if not self._fds:
             self._settle()
         else:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .cgroups import CgroupLayout, ProcessCgroup
+from .fairness import LoopBudget
 from .health import HealthCheckConfig
 from .managed import RestartConfig, Supervisor
 from .process import Process
@@ -83,6 +84,9 @@ class ProcessTable:
         self._stale_cgroups: list[ProcessCgroup] = []
         self._janitor: asyncio.Task[None] | None = None
         self.spawned_total = 0
+        # Bulk work gets a bounded share of each loop iteration (fairness.py).
+        self.ingest_budget = LoopBudget()
+        self.egress_budget = LoopBudget()
         self.base_env = dict(os.environ)
         self.cwd = os.getcwd()
 
@@ -195,6 +199,7 @@ class ProcessTable:
             output_cap=self.settings.output_cap_bytes,
             drain_grace=self.settings.drain_grace_s,
             kill_tree_on_settle=kill_tree_on_settle,
+            budget=self.ingest_budget,
         )
         proc.supervisor = supervisor
         proc.on_exit.append(self._on_exit)
