@@ -64,11 +64,17 @@ class Daemon:
 
 
 def start_daemon(
-    tmp_path: Path, *args: str, token: str | None = None, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *args: str,
+    token: str | None = None,
+    env: dict[str, str] | None = None,
+    prefix: list[str] | None = None,
 ) -> Daemon:
+    """Start ``sandboxd serve``; ``prefix`` wraps it (e.g. a command that joins a cgroup, then execs)."""
     port = free_port()
     log_path = tmp_path / f"sandboxd-{port}.log"
     cmd = [
+        *(prefix or []),
         sys.executable,
         "-m",
         "sandboxd",
@@ -116,8 +122,13 @@ def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start a daemon with its own options; stopped at the end of the test."""
     started: list[Daemon] = []
 
-    def make(*args: str, token: str | None = None, env: dict[str, str] | None = None) -> Daemon:
-        d = start_daemon(tmp_path, *args, token=token, env=env)
+    def make(
+        *args: str,
+        token: str | None = None,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> Daemon:
+        d = start_daemon(tmp_path, *args, token=token, env=env, prefix=prefix)
         started.append(d)
         return d
 
@@ -174,6 +185,18 @@ def zombies_of(ppid: int) -> list[int]:
         if fields[0] == "Z" and int(fields[1]) == ppid:
             out.append(int(entry))
     return out
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def skip_with_reason(reason: str) -> None:

@@ -45,6 +45,16 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+def _mem_total() -> int:
+    try:
+        for line in _read(Path("/proc/meminfo")).splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 1 << 62
+
+
 def _counter(text: str, key: str) -> int:
     for line in text.splitlines():
         name, _, value = line.partition(" ")
@@ -115,6 +125,7 @@ class CgroupLayout:
         self.pids_v1: Path | None = None
         self.unified: Path | None = None
         self.unified_controllers: set[str] = set()
+        self._memory_base: Path | None = None  # our own cgroup in the memory hierarchy
 
     @classmethod
     def detect(cls, enabled: bool = True, tag: str | None = None) -> CgroupLayout:
@@ -134,6 +145,7 @@ class CgroupLayout:
             parent = self._make_parent(base) if base else None
             if ctrl == "memory":
                 self.memory_v1 = parent
+                self._memory_base = base
             else:
                 self.pids_v1 = parent
         if mounts.v2 is not None and own_v2 is not None:
@@ -142,6 +154,7 @@ class CgroupLayout:
                 self._setup_unified(base)
 
     def _make_parent(self, base: Path) -> Path | None:
+        _remove_stale_parents(base)
         parent = base / self.tag
         try:
             parent.mkdir(exist_ok=True)
@@ -181,6 +194,8 @@ class CgroupLayout:
                 _write(base / "cgroup.subtree_control", enable)
             _write(parent / "cgroup.subtree_control", enable)
             self.unified_controllers = wanted
+            if "memory" in wanted:
+                self._memory_base = base
         except OSError as exc:
             log.info("cgroup v2 controllers %s not delegated: %s", enable, exc)
 
@@ -217,6 +232,42 @@ class CgroupLayout:
             parts.append("pids=v2")
         parts.append("kill=v2 cgroup.kill" if self.has_kill else "kill=sweep")
         return ", ".join(parts)
+
+    def reserve_memory(self, reserve: int) -> int | None:
+        """Cap all children together at what the daemon may use minus ``reserve``.
+
+        So a process that eats all memory is OOM-killed inside the children's
+        cgroup, and the daemon keeps ``reserve`` bytes to go on answering.
+        Returns the cap, or None when there is no memory controller.
+        """
+        if reserve <= 0 or self._memory_base is None:
+            return None
+        available = _mem_total()
+        own = None
+        try:
+            if self.memory_v1 is not None:
+                own = int(_read(self._memory_base / "memory.limit_in_bytes"))
+            else:
+                raw = _read(self._memory_base / "memory.max").strip()
+                own = None if raw == "max" else int(raw)
+        except (OSError, ValueError):
+            own = None
+        if own is not None:
+            available = min(available, own)
+        cap = max(available - reserve, 16 << 20)
+        parent = self.memory_v1 if self.memory_v1 is not None else self.unified
+        assert parent is not None
+        try:
+            if self.memory_v1 is not None:
+                _write(parent / "memory.limit_in_bytes", str(cap))
+                with contextlib.suppress(OSError):
+                    _write(parent / "memory.memsw.limit_in_bytes", str(cap))
+            else:
+                _write(parent / "memory.max", str(cap))
+        except OSError as exc:
+            log.warning("cannot cap the children's memory: %s", exc)
+            return None
+        return cap
 
     # --- per-process cgroups ---
 
@@ -347,6 +398,27 @@ class ProcessCgroup:
                 ok = False
         self.removed = ok
         return ok
+
+
+def _remove_stale_parents(base: Path) -> None:
+    """Remove the empty cgroups that a daemon killed with SIGKILL left behind.
+
+    Processes of a dead daemon are left alone: a cgroup that still holds one
+    stays (``rmdir`` fails), so nothing that runs is touched.
+    """
+    try:
+        entries = list(base.glob("sandboxd-*"))
+    except OSError:
+        return
+    for parent in entries:
+        pid = parent.name.removeprefix("sandboxd-").removesuffix("-daemon")
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        for child in parent.glob("p*"):
+            with contextlib.suppress(OSError):
+                child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def _kill_dir(d: Path, rounds: int = 20) -> None:

@@ -215,7 +215,17 @@ def build_env(base: dict[str, str], user: Identity | None, extra: dict[str, str]
 # --- spawning ---
 
 
-def _trampoline(cgroup: ProcessCgroup | None, user: Identity | None, argv: list[str]) -> list[str]:
+def _trampoline(
+    cgroup: ProcessCgroup | None, user: Identity | None, argv: list[str], oom_score_adj: int | None
+) -> list[str]:
+    """The argv that prepares the child, then ``exec``s ``argv`` in the same pid.
+
+    Steps, each only when needed: join the cgroups, set ``oom_score_adj``
+    (the daemon protects itself with a negative value that children must not
+    inherit; raising it needs no privilege), then drop to the user with
+    ``setpriv``. If a step fails the child exits 125 and the command never runs:
+    a failed privilege drop is a failed start, never a root process.
+    """
     prefix: list[str] = []
     if user is not None:
         groups = ",".join(str(g) for g in user.groups) if user.groups else None
@@ -223,21 +233,29 @@ def _trampoline(cgroup: ProcessCgroup | None, user: Identity | None, argv: list[
         prefix.append(f"--groups={groups}" if groups else "--clear-groups")
         prefix.append("--")
     files = cgroup.procs_files if cgroup is not None else []
-    if not files:
+    steps = [f'echo 0 > "${i + 1}"' for i in range(len(files))]
+    if oom_score_adj is not None:
+        steps.append(f"echo {int(oom_score_adj)} > /proc/self/oom_score_adj")
+    if not steps:
         return prefix + argv
-    joins = " && ".join(f'echo 0 > "${i + 1}"' for i in range(len(files)))
     script = (
-        f'{{ {joins}; }} 2>/dev/null || {{ echo "sandboxd: cannot join cgroup" >&2; exit 125; }}; '
+        f"{{ {' && '.join(steps)}; }} 2>/dev/null || "
+        '{ echo "sandboxd: cannot prepare the process (cgroup, oom_score_adj)" >&2; exit 125; }; '
         f'shift {len(files)}; exec "$@"'
     )
     return [SH, "-c", script, "sandboxd-exec", *files, *prefix, *argv]
 
 
 def spawn(
-    spec: SpawnSpec, path: str, cwd: str, env: dict[str, str], cgroup: ProcessCgroup | None
+    spec: SpawnSpec,
+    path: str,
+    cwd: str,
+    env: dict[str, str],
+    cgroup: ProcessCgroup | None,
+    child_oom_score_adj: int | None = None,
 ) -> Child:
     """Start the child. Raises :class:`SpawnError` for failures the OS reports."""
-    argv = _trampoline(cgroup, spec.user, [path, *spec.args])
+    argv = _trampoline(cgroup, spec.user, [path, *spec.args], child_oom_score_adj)
     ours: list[int] = []
     theirs: list[int] = []
 

@@ -47,6 +47,13 @@ class EngineSettings:
     use_cgroups: bool = True
     subreaper: bool = True
     stop_grace_s: float = 10.0
+    # The OOM killer must pick a runaway child, never the daemon: the daemon
+    # lowers its own score where it may (CAP_SYS_RESOURCE), and children always
+    # get a higher one (raising needs no privilege).
+    daemon_oom_score_adj: int | None = -900
+    child_oom_score_adj: int | None = 500
+    # Memory kept for the daemon: all children together are capped below it.
+    memory_reserve: int = 64 << 20
 
 
 class ProcessNotFound(Exception):
@@ -84,6 +91,8 @@ class ProcessTable:
         self._stale_cgroups: list[ProcessCgroup] = []
         self._janitor: asyncio.Task[None] | None = None
         self.spawned_total = 0
+        self.child_oom_score_adj: int | None = None
+        self.children_memory_cap: int | None = None
         # Bulk work gets a bounded share of each loop iteration (fairness.py).
         self.ingest_budget = LoopBudget()
         self.egress_budget = LoopBudget()
@@ -96,6 +105,7 @@ class ProcessTable:
         loop = asyncio.get_running_loop()
         if self.settings.subreaper and os.getpid() != 1:
             _set_subreaper()
+        self._protect_self()
         loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
         self._janitor = asyncio.create_task(self._janitor_loop(), name="process-table-janitor")
 
@@ -121,6 +131,18 @@ class ProcessTable:
         self._records.clear()
         self._sweep_cgroups()
         self.cgroups.remove_parents()
+
+    def _protect_self(self) -> None:
+        """Make the OOM killer pick a runaway child, never the daemon."""
+        adj = self.settings.daemon_oom_score_adj
+        if adj is not None:
+            try:
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write(str(adj))
+            except OSError as exc:
+                log.info("cannot set the daemon's oom_score_adj to %s: %s", adj, exc)
+        self.child_oom_score_adj = self.settings.child_oom_score_adj
+        self.children_memory_cap = self.cgroups.reserve_memory(self.settings.memory_reserve)
 
     # --- starting ---
 
@@ -183,7 +205,7 @@ class ProcessTable:
         except OSError as exc:
             raise SpawnError("CGROUP_FAILED", f"cannot create the process's cgroup: {exc}") from exc
         try:
-            child = spawn(spec, path, cwd, env, cgroup)
+            child = spawn(spec, path, cwd, env, cgroup, self.child_oom_score_adj)
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
