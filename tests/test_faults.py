@@ -118,7 +118,7 @@ def test_a_fork_bomb_stays_under_the_pids_limit_and_dies_whole(make_daemon) -> N
         if "pids=" not in http.get("/api/v1/info").json()["cgroups"]:
             skip_with_reason("no pids controller on this machine")
         bomb = start(http, command="sh", args=["-c", "b() { b | b & }; b; sleep 60"])
-        fragment = f"sandboxd-{d.pid}/p{bomb['handle']}"
+        fragment = f"-{d.pid}/p{bomb['handle']}\n"  # .../sandboxd-<pidns>-<pid>/p<handle>
         deadline = time.monotonic() + 2
         worst = 0.0
         while time.monotonic() < deadline:

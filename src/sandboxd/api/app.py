@@ -91,4 +91,9 @@ def create_app(settings: Settings) -> web.Application:
         lifespan = getattr(module, "lifespan", None)
         if lifespan is not None:
             app.cleanup_ctx.append(lifespan)
+        # Long-lived websockets are closed first, so the server's shutdown does
+        # not wait on them.
+        on_shutdown = getattr(module, "on_shutdown", None)
+        if on_shutdown is not None:
+            app.on_shutdown.append(on_shutdown)
     return app

@@ -34,6 +34,8 @@ routes = web.RouteTableDef()
 TABLE: web.AppKey[ProcessTable] = web.AppKey("process_table", ProcessTable)
 MAX_JSON_BODY = 1 << 20
 KILL_WAIT_S = 5.0
+JSON_BODY_TIMEOUT_S = 30.0
+BODY_IDLE_TIMEOUT_S = 60.0
 
 
 def _table(request: web.Request) -> ProcessTable:
@@ -54,10 +56,18 @@ async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
         raise too_large
     raw = bytearray()
-    async for chunk in request.content.iter_any():
-        raw += chunk
-        if len(raw) > MAX_JSON_BODY:
-            raise too_large
+    try:
+        # A whole JSON body must arrive in time: a client trickling bytes
+        # (slowloris) must not hold a handler forever.
+        async with asyncio.timeout(JSON_BODY_TIMEOUT_S):
+            async for chunk in request.content.iter_any():
+                raw += chunk
+                if len(raw) > MAX_JSON_BODY:
+                    raise too_large
+    except TimeoutError:
+        raise ApiError(
+            408, "REQUEST_TIMEOUT", f"the JSON body did not arrive within {JSON_BODY_TIMEOUT_S:g} s"
+        ) from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -167,7 +177,17 @@ async def write_stdin(request: web.Request) -> web.Response:
     try:
         if not proc.stdin_writable:
             raise StdinNotWritable(proc._stdin_problem())
-        async for chunk in request.content.iter_any():
+        while True:
+            try:
+                # Idle, not total: a big body may take long, a silent client may not.
+                async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
+                    chunk = await request.content.readany()
+            except TimeoutError:
+                raise ApiError(
+                    408, "REQUEST_TIMEOUT", f"no body bytes for {BODY_IDLE_TIMEOUT_S:g} s"
+                ) from None
+            if not chunk:
+                break
             await proc.write_stdin(chunk)
     except StdinNotWritable as exc:
         raise bad_request("STDIN_NOT_WRITABLE", str(exc)) from None

@@ -2,7 +2,7 @@
 
 The daemon finds the hierarchies it may write to (``/proc/self/mounts`` and
 ``/proc/self/cgroup``) and makes one parent cgroup for itself in each,
-``sandboxd-<pid>``, holding one child per process, ``p<handle>``. Three layouts
+``sandboxd-<pidns>-<pid>``, holding one child per process, ``p<handle>``. Three layouts
 occur in practice and all are handled:
 
 * **hybrid** (this project's machines): memory and pids on cgroup v1, with a
@@ -120,7 +120,9 @@ class CgroupLayout:
     """The daemon's parent cgroups, one per usable hierarchy."""
 
     def __init__(self, tag: str | None = None) -> None:
-        self.tag = tag or f"sandboxd-{os.getpid()}"
+        # The pids and v2 roots may be shared with other sandboxes on the host,
+        # whose pids we cannot see: the pid namespace makes the tag ours alone.
+        self.tag = tag or f"sandboxd-{_pidns()}-{os.getpid()}"
         self.memory_v1: Path | None = None
         self.pids_v1: Path | None = None
         self.unified: Path | None = None
@@ -277,6 +279,12 @@ class CgroupLayout:
         if not self.enabled:
             return None
         cg = ProcessCgroup()
+        for parent in (self.memory_v1, self.pids_v1, self.unified):
+            if parent is not None and not parent.is_dir():
+                # Someone removed our parent (another tenant's cleanup): make it again.
+                log.warning("cgroup %s vanished; re-creating it", parent)
+                with contextlib.suppress(OSError):
+                    parent.mkdir(exist_ok=True)
         try:
             if self.memory_v1 is not None:
                 d = self.memory_v1 / name
@@ -400,18 +408,27 @@ class ProcessCgroup:
         return ok
 
 
-def _remove_stale_parents(base: Path) -> None:
-    """Remove the empty cgroups that a daemon killed with SIGKILL left behind.
-
-    Processes of a dead daemon are left alone: a cgroup that still holds one
-    stays (``rmdir`` fails), so nothing that runs is touched.
-    """
+def _pidns() -> int:
     try:
-        entries = list(base.glob("sandboxd-*"))
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _remove_stale_parents(base: Path) -> None:
+    """Remove the empty cgroups that a daemon of *our* pid namespace left behind.
+
+    Only tags of our own pid namespace are considered, since only there can we
+    tell a dead daemon from a live one. Processes of a dead daemon are left
+    alone: a cgroup that still holds one stays (``rmdir`` fails).
+    """
+    prefix = f"sandboxd-{_pidns()}-"
+    try:
+        entries = list(base.glob(prefix + "*"))
     except OSError:
         return
     for parent in entries:
-        pid = parent.name.removeprefix("sandboxd-").removesuffix("-daemon")
+        pid = parent.name.removeprefix(prefix).removesuffix("-daemon")
         if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
             continue
         for child in parent.glob("p*"):

@@ -15,7 +15,9 @@ Rules this module keeps
   read of ``EIO`` on the master means every holder of the slave is gone.
 * The session's process tree lives in its own cgroup (``pty-<id>``) when the
   machine has one; it joins it through a ``/bin/sh`` trampoline before
-  ``setsid`` runs, like every other process of the daemon.
+  ``setsid`` runs, like every other process of the daemon, and sets the
+  children's ``oom_score_adj`` there (the daemon's own protection is inherited
+  otherwise).
 * Exit is detected with a pidfd and reaped with ``waitid(P_PIDFD)``. Never
   ``waitpid(-1)``: the daemon is a child subreaper and the process table reaps
   orphans *by pid*; our pid is put in the table's live-pid set (``guard_pids``)
@@ -42,7 +44,8 @@ Rules this module keeps
 * Stopping a session's tree is ``SIGHUP`` + ``SIGCONT`` (stopped jobs must run
   to die) to every process in it, then ``SIGKILL`` to the whole tree after a
   grace (5 s). "The tree" is the session's cgroup; without cgroups it is every
-  process whose session id is the leader's pid, plus its process group.
+  process whose session id is the leader's pid (jobs included, ``setsid``
+  escapees not).
 
 Theory of operation
 -------------------
@@ -85,6 +88,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import signal
 import struct
 import subprocess
@@ -99,11 +103,12 @@ from .spawn import SH, SpawnError, build_env, resolve_command, resolve_working_d
 
 if TYPE_CHECKING:
     from .cgroups import CgroupLayout, ProcessCgroup
+    from .fairness import LoopBudget
 
 log = logging.getLogger(__name__)
 
-SETSID = "/usr/bin/setsid"
-IUTF8 = getattr(termios, "IUTF8", 0o040000)  # Linux value; Python has the name only from 3.13
+SETSID = shutil.which("setsid") or "/usr/bin/setsid"  # util-linux
+IUTF8 = getattr(termios, "IUTF8", 0o040000)  # Linux value; 3.11's termios lacks the name
 READ_SIZE = 65536
 READS_PER_WAKEUP = 16
 MAX_OUTPUT_FRAME = 65535  # payload bytes per output event: 64 KiB frames with the opcode
@@ -440,10 +445,16 @@ class PtySession:
         loop.add_reader(self._pidfd, self._on_pidfd)
         self._arm_idle()
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, drain: bool = False) -> None:
         fd = self._master
         if fd is None:
             return
+        # A fair share of the loop for bulk ingest (engine/fairness.py): when
+        # denied, return; the fd is level-triggered and comes back next round.
+        budget = None if drain else self.manager.ingest_budget
+        if budget is not None and not budget.allow():
+            return
+        started = time.perf_counter()
         got = False
         eof = False
         for _ in range(READS_PER_WAKEUP):
@@ -463,6 +474,8 @@ class PtySession:
                 break
             self.history.append(data)
             got = True
+        if budget is not None:
+            budget.charge(time.perf_counter() - started)
         if got:
             self._changed.notify()
         if eof:
@@ -508,7 +521,7 @@ class PtySession:
             self.state = SessionState.DRAINING
         self._cancel_idle()
         # Take whatever is already readable before deciding anything.
-        self._on_readable()
+        self._on_readable(drain=True)
         if self._eof or self._master is None:
             self._end()
         elif self._drain_timer is None:
@@ -770,15 +783,25 @@ class _Spawned:
     pidfd: int
 
 
-def _trampoline(cgroup: ProcessCgroup | None, argv: list[str]) -> list[str]:
-    """``setsid -c argv``, first joining the cgroup from a ``/bin/sh`` when there is one."""
+def _trampoline(
+    cgroup: ProcessCgroup | None, argv: list[str], oom_score_adj: int | None
+) -> list[str]:
+    """``setsid -c argv``, prepared by a ``/bin/sh`` when there is something to do.
+
+    Like ``spawn.py``: join the cgroups before anything runs, and undo the
+    daemon's own OOM protection (children inherit ``oom_score_adj``). A failed
+    step exits 125 and the command never runs.
+    """
     argv = [SETSID, "-c", *argv]
     files = cgroup.procs_files if cgroup is not None else []
-    if not files:
+    steps = [f'echo 0 > "${i + 1}"' for i in range(len(files))]
+    if oom_score_adj is not None:
+        steps.append(f"echo {int(oom_score_adj)} > /proc/self/oom_score_adj")
+    if not steps:
         return argv
-    joins = " && ".join(f'echo 0 > "${i + 1}"' for i in range(len(files)))
     script = (
-        f'{{ {joins}; }} 2>/dev/null || {{ echo "sandboxd: cannot join cgroup" >&2; exit 125; }}; '
+        f"{{ {' && '.join(steps)}; }} 2>/dev/null || "
+        '{ echo "sandboxd: cannot prepare the terminal (cgroup, oom_score_adj)" >&2; exit 125; }; '
         f'shift {len(files)}; exec "$@"'
     )
     return [SH, "-c", script, "sandboxd-pty", *files, *argv]
@@ -793,6 +816,7 @@ def _spawn(
     cols: int,
     cgroup: ProcessCgroup | None,
     command: str,
+    oom_score_adj: int | None,
 ) -> _Spawned:
     master, slave = os.openpty()  # both O_CLOEXEC (PEP 446); Popen dup2s the slave onto 0-2
     try:
@@ -802,7 +826,7 @@ def _spawn(
             attrs[0] |= IUTF8  # backspace erases a whole UTF-8 character
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
         os.set_blocking(master, False)
-        argv = _trampoline(cgroup, [path, *args])
+        argv = _trampoline(cgroup, [path, *args], oom_score_adj)
         try:
             # No start_new_session: setsid must find the child *not* a group
             # leader, or it would fork and the pid we watch would not be the program.
@@ -818,6 +842,10 @@ def _spawn(
                 restore_signals=True,
             )
         except OSError as exc:
+            if not os.access(argv[0], os.X_OK):
+                raise SpawnError(
+                    "SPAWN_FAILED", f"cannot start {command}: {argv[0]} is missing"
+                ) from exc
             raise SpawnError("SPAWN_FAILED", f"cannot start {command}: {exc.strerror}") from exc
         try:
             pidfd = os.pidfd_open(popen.pid)
@@ -844,6 +872,9 @@ class PtyManager:
         base_env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         guard_pids: set[int] | None = None,
+        ingest_budget: LoopBudget | None = None,
+        egress_budget: LoopBudget | None = None,
+        child_oom_score_adj: int | None = None,
     ) -> None:
         self.settings = settings or PtySettings.from_env()
         self.cgroups = cgroups
@@ -852,6 +883,12 @@ class PtyManager:
         # The process table's live-pid set: pids in it are never reaped by the
         # table's orphan reaper, so our pidfd gets the exit status.
         self._guard_pids = guard_pids if guard_pids is not None else set()
+        # Shared with the process table, so PTYs and pipes split one slice.
+        self.ingest_budget = ingest_budget
+        self.egress_budget = egress_budget
+        # The daemon protects itself from the OOM killer; its children must not
+        # inherit that (the table's value, see ProcessTable._protect_self).
+        self.child_oom_score_adj = child_oom_score_adj
         self._sessions: dict[str, PtySession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -901,7 +938,9 @@ class PtyManager:
                     "CGROUP_FAILED", f"cannot create the session's cgroup: {exc}"
                 ) from exc
         try:
-            sp = _spawn(path, args, cwd, full_env, rows, cols, cgroup, command)
+            sp = _spawn(
+                path, args, cwd, full_env, rows, cols, cgroup, command, self.child_oom_score_adj
+            )
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()

@@ -84,7 +84,10 @@ class ProcessTable:
         self._records: OrderedDict[int, Process] = OrderedDict()  # handle -> process
         self._by_pid: dict[int, int] = {}
         self._next_handle = 1
-        self._live_pids: set[int] = set()
+        # Pids the orphan reaper must leave alone: children someone reaps through a
+        # pidfd. Whoever spawns a child outside this table (PTY sessions) adds its
+        # pid here before the first await and discards it once reaped.
+        self.guarded_pids: set[int] = set()
         self._names: dict[str, Supervisor] = {}
         self._supervisors: list[Supervisor] = []
         self._next_managed_id = 1
@@ -92,6 +95,7 @@ class ProcessTable:
         self._janitor: asyncio.Task[None] | None = None
         self.spawned_total = 0
         self.child_oom_score_adj: int | None = None
+        self._leave_running = False
         self.children_memory_cap: int | None = None
         # Bulk work gets a bounded share of each loop iteration (fairness.py).
         self.ingest_budget = LoopBudget()
@@ -109,6 +113,23 @@ class ProcessTable:
         loop.add_signal_handler(signal.SIGCHLD, self._reap_orphans)
         self._janitor = asyncio.create_task(self._janitor_loop(), name="process-table-janitor")
 
+    async def shutdown(self, grace_s: float, *, leave_running: bool = False) -> None:
+        """The daemon is stopping (SIGTERM): end supervision, then end or leave the processes.
+
+        ``leave_running=False``: SIGTERM to every process tree, SIGKILL after
+        ``grace_s``. ``leave_running=True``: processes go on without the daemon
+        (their output pipes close with it). Either way every output store is
+        settled, so followers send what is left and their ``eof``.
+        """
+        self._leave_running = leave_running
+        for sup in self._supervisors:
+            await sup.close()
+        if not leave_running:
+            running = [p for p in self._records.values() if p.running]
+            await asyncio.gather(*(p.terminate(grace_s) for p in running))
+        for proc in self._records.values():
+            proc.output.settle()
+
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_signal_handler(signal.SIGCHLD)
@@ -118,6 +139,11 @@ class ProcessTable:
                 await self._janitor
         for sup in self._supervisors:
             await sup.close()
+        if self._leave_running:
+            for proc in list(self._records.values()):
+                proc.release()
+            self._records.clear()
+            return
         for proc in list(self._records.values()):
             proc.kill_tree()
         # Give the kernel a moment to deliver the kills, then reap and clean up.
@@ -203,7 +229,9 @@ class ProcessTable:
                 pids_limit=self.settings.process_pids_limit,
             )
         except OSError as exc:
-            raise SpawnError("CGROUP_FAILED", f"cannot create the process's cgroup: {exc}") from exc
+            raise SpawnError(
+                "CGROUP_FAILED", f"cannot create the process's cgroup: {exc}", status=500
+            ) from exc
         try:
             child = spawn(spec, path, cwd, env, cgroup, self.child_oom_score_adj)
         except BaseException:
@@ -212,7 +240,7 @@ class ProcessTable:
             raise
         self._next_handle += 1
         self.spawned_total += 1
-        self._live_pids.add(child.pid)
+        self.guarded_pids.add(child.pid)
         proc = Process(
             handle,
             spec,
@@ -233,7 +261,7 @@ class ProcessTable:
         return proc
 
     def _on_exit(self, proc: Process) -> None:
-        self._live_pids.discard(proc.pid)
+        self.guarded_pids.discard(proc.pid)
 
     def _on_settle(self, proc: Process) -> None:
         if proc.cgroup is not None and not proc.cgroup.remove():
@@ -261,7 +289,7 @@ class ProcessTable:
 
     @property
     def running_count(self) -> int:
-        return len(self._live_pids)
+        return len(self.guarded_pids)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -301,7 +329,7 @@ class ProcessTable:
     def _reap_orphans(self) -> None:
         """Reap reparented grandchildren, by pid, skipping the processes we own."""
         for pid in _children_of_self():
-            if pid in self._live_pids:
+            if pid in self.guarded_pids:
                 continue
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
