@@ -96,4 +96,9 @@ def create_app(settings: Settings) -> web.Application:
         on_shutdown = getattr(module, "on_shutdown", None)
         if on_shutdown is not None:
             app.on_shutdown.append(on_shutdown)
+    # Observability: request metrics/logs middleware (outermost, so it sees auth
+    # rejections too), GET /metrics behind the same auth, engine hooks on startup.
+    from ..observability import install as install_observability
+
+    install_observability(app)
     return app

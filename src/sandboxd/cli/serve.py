@@ -1,0 +1,350 @@
+"""``sandboxd serve``: run the daemon.
+
+Every flag has an environment variable and a default. They are declared once,
+in :data:`OPTIONS`; the argparse flags, ``serve --help`` and the configuration
+table of the docs (:func:`config_table`) are all generated from it, and a test
+checks that the docs carry the current table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..config import Settings, env, parse_size
+from ..engine.table import EngineSettings
+
+log = logging.getLogger("sandboxd")
+
+# On SIGTERM open requests get this long to finish before they are cancelled.
+# Streams end sooner (see _end_streams); the whole shutdown fits in the 10 s a
+# container runtime gives before SIGKILL.
+SHUTDOWN_TIMEOUT_S = 3.0
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def _size_or_none(text: str) -> int | None:
+    return None if text.lower() in ("", "0", "none", "off", "max") else parse_size(text)
+
+
+def _size(text: str) -> int:
+    return parse_size(text)
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise ValueError(text)
+    return text.lower()
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in LOG_FORMATS:
+        raise ValueError(text)
+    return text.lower()
+
+
+# argparse names the type in "invalid <name> value" messages.
+_size.__name__ = "size"
+_size_or_none.__name__ = "size"
+_log_level.__name__ = "log level (debug, info, warning, error)"
+_log_format.__name__ = "log format (text, json)"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One ``serve`` flag: its environment variable, default (as typed) and meaning."""
+
+    flag: str
+    env: str
+    default: str | None  # None: no default (e.g. no token); flags: None means off
+    help: str
+    type: Callable[[str], Any] | None = str  # None: a boolean switch (--no-...)
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def is_switch(self) -> bool:
+        return self.type is None
+
+
+_D = EngineSettings()
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--host", "SANDBOXD_HOST", "127.0.0.1", "bind address", metavar="ADDR"),
+    Option("--port", "SANDBOXD_PORT", "9501", "TCP port", int),
+    Option(
+        "--token",
+        "SANDBOXD_TOKEN",
+        None,
+        "require 'Authorization: Bearer TOKEN' on every route, /metrics included; "
+        "without it there is no auth. Prefer the variable: a flag is visible in ps",
+    ),
+    Option(
+        "--output-cap",
+        "SANDBOXD_OUTPUT_CAP",
+        "16M",
+        "bytes of output kept per process; older bytes are dropped and counted",
+        _size,
+        "SIZE",
+    ),
+    Option(
+        "--max-line",
+        "SANDBOXD_MAX_LINE",
+        "1M",
+        "longest line in the line view; longer lines are split",
+        _size,
+        "SIZE",
+    ),
+    Option(
+        "--max-records",
+        "SANDBOXD_MAX_RECORDS",
+        str(_D.max_records),
+        "process records kept; the oldest exited ones are evicted first",
+        int,
+        "N",
+    ),
+    Option(
+        "--drain-grace-ms",
+        "SANDBOXD_DRAIN_GRACE_MS",
+        "500",
+        "after the main process exits, how long to wait for pipes still held open by descendants",
+        int,
+        "MS",
+    ),
+    Option(
+        "--process-memory-limit",
+        "SANDBOXD_PROCESS_MEMORY_LIMIT",
+        "none",
+        "memory limit of each process's cgroup (e.g. 512M)",
+        _size_or_none,
+        "SIZE",
+    ),
+    Option(
+        "--process-pids-limit",
+        "SANDBOXD_PROCESS_PIDS_LIMIT",
+        "4096",
+        "tasks per process tree, 0 for no limit",
+        int,
+        "N",
+    ),
+    Option(
+        "--stop-grace-ms",
+        "SANDBOXD_STOP_GRACE_MS",
+        "10000",
+        "DELETE of a managed process: SIGTERM, then SIGKILL after this long",
+        int,
+        "MS",
+    ),
+    Option("--no-cgroups", "SANDBOXD_NO_CGROUPS", None, "do not create cgroups", None),
+    Option(
+        "--no-subreaper", "SANDBOXD_NO_SUBREAPER", None, "do not adopt orphaned descendants", None
+    ),
+    Option(
+        "--log-level",
+        "SANDBOXD_LOG_LEVEL",
+        "info",
+        "debug, info, warning or error",
+        _log_level,
+        "LEVEL",
+    ),
+    Option(
+        "--log-format",
+        "SANDBOXD_LOG_FORMAT",
+        "text",
+        "text (one line per event) or json (one JSON object per line)",
+        _log_format,
+        "FORMAT",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EnvOnly:
+    """A setting read from the environment only (no flag), listed for the docs."""
+
+    env: str
+    default: str
+    help: str
+
+
+def env_only_settings() -> tuple[EnvOnly, ...]:
+    # Read from the PTY engine so a renamed variable fails here, not silently in the docs.
+    from ..engine.pty import IDLE_ENV, RETENTION_ENV, PtySettings
+
+    d = PtySettings()
+    return (
+        EnvOnly(
+            IDLE_ENV,
+            f"{d.idle_secs:g}",
+            "seconds a PTY session may have no client attached before its tree is stopped",
+        ),
+        EnvOnly(
+            RETENTION_ENV,
+            f"{d.dead_retention_secs:g}",
+            "seconds an ended PTY session stays queryable",
+        ),
+    )
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _help(opt: Option) -> str:
+    if opt.is_switch:
+        return f"{opt.help} [{opt.env}=1]"
+    default = "none" if opt.default is None else opt.default
+    return f"{opt.help} [{opt.env}] (default {default})"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    lines = ["settings read from the environment only:"]
+    lines += [f"  {e.env} (default {e.default}): {e.help}" for e in env_only_settings()]
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the sandbox daemon. Every flag also has an environment variable.",
+        epilog="\n".join(lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for opt in OPTIONS:
+        if opt.is_switch:
+            p.add_argument(
+                opt.flag, action="store_true", default=_truthy(env(opt.env)), help=_help(opt)
+            )
+        else:
+            assert opt.type is not None
+            # A string default goes through ``type`` like a typed value, so a bad
+            # environment variable is a usage error naming the flag.
+            p.add_argument(
+                opt.flag,
+                type=opt.type,
+                default=env(opt.env, opt.default),
+                metavar=opt.metavar,
+                help=_help(opt),
+            )
+    p.set_defaults(run=run)
+    return p
+
+
+def config_table() -> str:
+    """The Markdown table of every ``serve`` setting: flag, variable, default, meaning."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        if opt.is_switch:
+            rows.append(f"| `{opt.flag}` | `{opt.env}=1` | off | {opt.help} |")
+        else:
+            default = "none" if opt.default is None else f"`{opt.default}`"
+            rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {opt.help} |")
+    for e in env_only_settings():
+        rows.append(f"| - | `{e.env}` | `{e.default}` | {e.help} |")
+    return "\n".join(rows)
+
+
+def build_settings(ns: argparse.Namespace) -> Settings:
+    engine = EngineSettings(
+        output_cap_bytes=ns.output_cap,
+        max_line_bytes=ns.max_line,
+        max_records=ns.max_records,
+        drain_grace_s=ns.drain_grace_ms / 1000.0,
+        process_memory_limit=ns.process_memory_limit,
+        process_pids_limit=ns.process_pids_limit or None,
+        use_cgroups=not ns.no_cgroups,
+        subreaper=not ns.no_subreaper,
+        stop_grace_s=ns.stop_grace_ms / 1000.0,
+    )
+    return Settings(
+        host=ns.host,
+        port=ns.port,
+        token=ns.token or None,
+        log_format=ns.log_format,
+        engine=engine,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    from ..api.app import create_app
+
+    app = create_app(settings)
+    app.on_shutdown.append(_end_streams)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    log.info(
+        "sandboxd %s listening on http://%s:%d%s",
+        __version__,
+        settings.host,
+        settings.port,
+        " (bearer token required)" if settings.token else "",
+    )
+    if os.getpid() == 1:
+        # As a container's init: the kernel gives PID 1 no default signal
+        # actions, so only the handlers below make SIGTERM/SIGINT work, and every
+        # orphan in the namespace is reparented here (the table reaps them).
+        log.info("running as PID 1: orphans are reaped, SIGTERM/SIGINT shut down cleanly")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_stop_signal, stop, sig)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: closing connections and killing every process tree")
+        await runner.cleanup()
+        log.info("stopped")
+
+
+async def _end_streams(app: web.Application) -> None:
+    """Shutdown, before the server waits for open requests: end what they are waiting for.
+
+    A follow or run stream lasts as long as its process. Killing every process
+    tree now lets those streams end the normal way (``exit``/``eof`` events,
+    then a clean close) within the drain grace, instead of making a container
+    stop wait for the shutdown timeout. The table's own cleanup later stops
+    the supervisors and kills again whatever a supervisor restarted meanwhile.
+    """
+    from ..api.processes import TABLE
+
+    table = app.get(TABLE)
+    if table is not None:
+        for proc in table.all():
+            if proc.running:
+                proc.kill_tree()
+
+
+def _on_stop_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if stop.is_set():
+        return
+    log.info("received %s", sig.name)
+    stop.set()
+
+
+def run(ns: argparse.Namespace) -> int:
+    from ..observability.logs import setup_logging
+
+    settings = build_settings(ns)
+    # Out of the environment before the process table copies it: children must
+    # not inherit the daemon's credential.
+    os.environ.pop("SANDBOXD_TOKEN", None)
+    setup_logging(ns.log_level, ns.log_format, secrets=[settings.token])
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
