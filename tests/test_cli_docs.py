@@ -11,19 +11,19 @@ from sandboxd.observability.metrics import Metrics
 from .cli_helpers import cli
 from .conftest import ROOT
 
-TOUR = ROOT / "docs" / "readme-tour.md"
+TOUR = ROOT / "README.md"
 
 
 def _between_markers(text: str) -> str:
     m = re.search(r"<!-- config-table:start -->\n(.*?)\n<!-- config-table:end -->", text, re.S)
-    assert m, "docs/readme-tour.md lost its config-table markers"
+    assert m, "README.md lost its config-table markers"
     return m.group(1)
 
 
 def test_config_table_in_docs_is_generated_from_the_flags() -> None:
     expected = config_table()
     assert _between_markers(TOUR.read_text()) == expected, (
-        "docs/readme-tour.md is out of date; put this between the config-table markers:\n"
+        "README.md is out of date; put this between the config-table markers:\n"
         + expected
     )
 
@@ -47,7 +47,7 @@ def test_every_environment_variable_in_the_code_is_documented() -> None:
         found |= set(re.findall(r"SANDBOXD_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
     prefixes = {v for v in found if any(o != v and o.startswith(v + "_") for o in found)}
     for var in sorted(found - prefixes):
-        assert f"`{var}" in tour, f"{var} is read by the code but missing from docs/readme-tour.md"
+        assert f"`{var}" in tour, f"{var} is read by the code but missing from README.md"
 
 
 def test_every_command_is_documented() -> None:

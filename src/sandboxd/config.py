@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from .engine.table import EngineSettings
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -29,7 +31,14 @@ class Settings:
     port: int = 9501
     token: str | None = None
     log_format: str = "text"
+    on_shutdown: str = "stop"  # or "leave"
+    shutdown_grace_s: float = 3.0
+    idle_timeout_s: float = 60.0
     engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+# Where the application keeps its Settings, for handlers that need them.
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 
 
 def env(name: str, default: str | None = None) -> str | None:

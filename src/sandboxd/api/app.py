@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from ..config import Settings
+from ..config import SETTINGS_KEY, Settings
 from ..engine.table import ProcessTable
 from . import files, processes, pty, system, tunnels
 from .errors import ApiError, error_response
@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.insert(0, _auth_middleware(settings.token))
     app = web.Application(middlewares=middlewares, client_max_size=processes.MAX_JSON_BODY)
     app[system.STARTED_AT] = time.monotonic()
+    app[SETTINGS_KEY] = settings
     for module in (system, processes, files, pty, tunnels):
         app.add_routes(module.routes)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import SETTINGS_KEY
 from ..engine.managed import SupervisionStopped
 from ..engine.output import follow, snapshot_lines
 from ..engine.process import Process, StdinNotWritable
@@ -34,17 +35,27 @@ routes = web.RouteTableDef()
 TABLE: web.AppKey[ProcessTable] = web.AppKey("process_table", ProcessTable)
 MAX_JSON_BODY = 1 << 20
 KILL_WAIT_S = 5.0
-JSON_BODY_TIMEOUT_S = 30.0
-BODY_IDLE_TIMEOUT_S = 60.0
 
 
 def _table(request: web.Request) -> ProcessTable:
     return request.app[TABLE]
 
 
+# No pid has more digits than this (pid_max is at most 2**22).
+MAX_PID_DIGITS = 10
+
+
 def _process(request: web.Request) -> Process:
+    selector = request.match_info["p"]
+    # The table reads an all-digit selector as a pid with int(), which refuses
+    # digits that are not decimal ("³") and more than 4300 digits: such a
+    # selector can be no pid and (being all digits) no name either.
+    if selector.isdigit() and not (
+        selector.isdecimal() and len(selector.lstrip("0")) <= MAX_PID_DIGITS
+    ):
+        raise not_found(f"Process {selector} not found")
     try:
-        return _table(request).get(request.match_info["p"])
+        return _table(request).get(selector)
     except ProcessNotFound as exc:
         raise not_found(str(exc)) from None
 
@@ -56,22 +67,38 @@ async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_JSON_BODY:
         raise too_large
     raw = bytearray()
+    limit = _idle_timeout(request)
     try:
         # A whole JSON body must arrive in time: a client trickling bytes
         # (slowloris) must not hold a handler forever.
-        async with asyncio.timeout(JSON_BODY_TIMEOUT_S):
+        async with asyncio.timeout(limit):
             async for chunk in request.content.iter_any():
                 raw += chunk
                 if len(raw) > MAX_JSON_BODY:
                     raise too_large
     except TimeoutError:
         raise ApiError(
-            408, "REQUEST_TIMEOUT", f"the JSON body did not arrive within {JSON_BODY_TIMEOUT_S:g} s"
+            408, "REQUEST_TIMEOUT", f"the JSON body did not arrive within {limit:g} s"
         ) from None
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request("INVALID_JSON", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        # "[[[[...": a megabyte of nesting exhausts the parser's stack (was a 500).
+        raise bad_request("INVALID_JSON", "the body is nested too deeply") from None
+
+
+def _not_json(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not (RFC 8259), and an
+    # infinite timeout or a NaN size must not reach the engine.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _idle_timeout(request: web.Request) -> float:
+    """The daemon's idle timeout, which also bounds how long a body may trickle."""
+    settings = request.app.get(SETTINGS_KEY)
+    return settings.idle_timeout_s if settings is not None else 60.0
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -177,15 +204,14 @@ async def write_stdin(request: web.Request) -> web.Response:
     try:
         if not proc.stdin_writable:
             raise StdinNotWritable(proc._stdin_problem())
+        idle = _idle_timeout(request)
         while True:
             try:
                 # Idle, not total: a big body may take long, a silent client may not.
-                async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
+                async with asyncio.timeout(idle):
                     chunk = await request.content.readany()
             except TimeoutError:
-                raise ApiError(
-                    408, "REQUEST_TIMEOUT", f"no body bytes for {BODY_IDLE_TIMEOUT_S:g} s"
-                ) from None
+                raise ApiError(408, "REQUEST_TIMEOUT", f"no body bytes for {idle:g} s") from None
             if not chunk:
                 break
             await proc.write_stdin(chunk)

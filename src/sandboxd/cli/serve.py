@@ -55,11 +55,18 @@ def _log_format(text: str) -> str:
     return text.lower()
 
 
+def _on_shutdown(text: str) -> str:
+    if text.lower() not in ("stop", "leave"):
+        raise ValueError(text)
+    return text.lower()
+
+
 # argparse names the type in "invalid <name> value" messages.
 _size.__name__ = "size"
 _size_or_none.__name__ = "size"
 _log_level.__name__ = "log level (debug, info, warning, error)"
 _log_format.__name__ = "log format (text, json)"
+_on_shutdown.__name__ = "shutdown mode (stop, leave)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +156,32 @@ OPTIONS: tuple[Option, ...] = (
         "DELETE of a managed process: SIGTERM, then SIGKILL after this long",
         int,
         "MS",
+    ),
+    Option(
+        "--on-shutdown",
+        "SANDBOXD_ON_SHUTDOWN",
+        "stop",
+        "on SIGTERM: 'stop' every process tree (SIGTERM, SIGKILL after the shutdown grace) "
+        "or 'leave' them running without the daemon",
+        _on_shutdown,
+        "stop|leave",
+    ),
+    Option(
+        "--shutdown-grace-ms",
+        "SANDBOXD_SHUTDOWN_GRACE_MS",
+        "3000",
+        "on SIGTERM with 'stop': how long processes get between SIGTERM and SIGKILL",
+        int,
+        "MS",
+    ),
+    Option(
+        "--idle-timeout-s",
+        "SANDBOXD_IDLE_TIMEOUT_S",
+        "60",
+        "close a connection that sends no complete request for this long "
+        "(idle keep-alive, slow headers)",
+        float,
+        "SECONDS",
     ),
     Option("--no-cgroups", "SANDBOXD_NO_CGROUPS", None, "do not create cgroups", None),
     Option(
@@ -269,6 +302,9 @@ def build_settings(ns: argparse.Namespace) -> Settings:
         stop_grace_s=ns.stop_grace_ms / 1000.0,
     )
     return Settings(
+        on_shutdown=ns.on_shutdown,
+        shutdown_grace_s=ns.shutdown_grace_ms / 1000.0,
+        idle_timeout_s=ns.idle_timeout_s,
         host=ns.host,
         port=ns.port,
         token=ns.token or None,
@@ -283,7 +319,13 @@ async def serve(settings: Settings) -> None:
     app = create_app(settings)
     app.on_shutdown.append(_end_streams)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        # Also the limit for a new connection to send its first complete request:
+        # aiohttp arms it on connect and a trickle of header bytes does not reset it.
+        keepalive_timeout=settings.idle_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
@@ -315,19 +357,21 @@ async def serve(settings: Settings) -> None:
 async def _end_streams(app: web.Application) -> None:
     """Shutdown, before the server waits for open requests: end what they are waiting for.
 
-    A follow or run stream lasts as long as its process. Killing every process
-    tree now lets those streams end the normal way (``exit``/``eof`` events,
-    then a clean close) within the drain grace, instead of making a container
-    stop wait for the shutdown timeout. The table's own cleanup later stops
-    the supervisors and kills again whatever a supervisor restarted meanwhile.
+    A follow or run stream lasts as long as its process. The table stops every
+    supervisor and then, per ``--on-shutdown``, terminates every process tree
+    (SIGTERM, SIGKILL after the shutdown grace) or leaves them running; either
+    way every output store is settled, so those streams end the normal way
+    (their last lines, then ``exit``/``eof``) before the server closes.
     """
     from ..api.processes import TABLE
+    from ..config import SETTINGS_KEY
 
     table = app.get(TABLE)
-    if table is not None:
-        for proc in table.all():
-            if proc.running:
-                proc.kill_tree()
+    settings = app.get(SETTINGS_KEY)
+    if table is not None and settings is not None:
+        await table.shutdown(
+            settings.shutdown_grace_s, leave_running=settings.on_shutdown == "leave"
+        )
 
 
 def _on_stop_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
