@@ -183,6 +183,24 @@ OPTIONS: tuple[Option, ...] = (
         float,
         "SECONDS",
     ),
+    Option(
+        "--children-cpu-shares",
+        "SANDBOXD_CHILDREN_CPU_SHARES",
+        "256",
+        "CPU weight of all processes together against the daemon's 1024, so the daemon "
+        "keeps answering while they are busy; 0 leaves it alone",
+        int,
+        "N",
+    ),
+    Option(
+        "--memory-reserve",
+        "SANDBOXD_MEMORY_RESERVE",
+        "64M",
+        "memory kept for the daemon: all processes together are capped at the daemon's "
+        "memory minus this; 0 for no cap",
+        _size,
+        "SIZE",
+    ),
     Option("--no-cgroups", "SANDBOXD_NO_CGROUPS", None, "do not create cgroups", None),
     Option(
         "--no-subreaper", "SANDBOXD_NO_SUBREAPER", None, "do not adopt orphaned descendants", None
@@ -300,6 +318,8 @@ def build_settings(ns: argparse.Namespace) -> Settings:
         use_cgroups=not ns.no_cgroups,
         subreaper=not ns.no_subreaper,
         stop_grace_s=ns.stop_grace_ms / 1000.0,
+        children_cpu_shares=ns.children_cpu_shares or None,
+        memory_reserve=ns.memory_reserve,
     )
     return Settings(
         on_shutdown=ns.on_shutdown,

@@ -83,7 +83,7 @@ def _find_mounts() -> _Mounts:
         if fstype == "cgroup2" and mounts.v2 is None:
             mounts.v2 = mnt
         elif fstype == "cgroup":
-            for ctrl in ("memory", "pids"):
+            for ctrl in ("memory", "pids", "cpu"):
                 if ctrl in opts:
                     mounts.v1.setdefault(ctrl, mnt)
     return mounts
@@ -102,7 +102,7 @@ def _own_paths() -> tuple[dict[str, str], str | None]:
         if hid == "0" and ctrls == "":
             v2 = path
         for ctrl in ctrls.split(","):
-            if ctrl in ("memory", "pids"):
+            if ctrl in ("memory", "pids", "cpu"):
                 v1[ctrl] = path
     return v1, v2
 
@@ -128,6 +128,9 @@ class CgroupLayout:
         self.unified: Path | None = None
         self.unified_controllers: set[str] = set()
         self._memory_base: Path | None = None  # our own cgroup in the memory hierarchy
+        # All children share one CPU group (no per-process cpu cgroup): the
+        # daemon's weight against all of them together is what matters.
+        self.cpu_v1: Path | None = None
 
     @classmethod
     def detect(cls, enabled: bool = True, tag: str | None = None) -> CgroupLayout:
@@ -139,7 +142,7 @@ class CgroupLayout:
     def _setup(self) -> None:
         mounts = _find_mounts()
         own_v1, own_v2 = _own_paths()
-        for ctrl in ("memory", "pids"):
+        for ctrl in ("memory", "pids", "cpu"):
             mnt = mounts.v1.get(ctrl)
             if mnt is None or ctrl not in own_v1:
                 continue
@@ -148,8 +151,10 @@ class CgroupLayout:
             if ctrl == "memory":
                 self.memory_v1 = parent
                 self._memory_base = base
-            else:
+            elif ctrl == "pids":
                 self.pids_v1 = parent
+            else:
+                self.cpu_v1 = parent
         if mounts.v2 is not None and own_v2 is not None:
             base = _own_dir(mounts.v2, own_v2)
             if base is not None:
@@ -174,12 +179,14 @@ class CgroupLayout:
             available = set(_read(base / "cgroup.controllers").split())
         except OSError:
             available = set()
-        wanted = {c for c in ("memory", "pids") if c in available}
+        wanted = {c for c in ("memory", "pids", "cpu") if c in available}
         # Controllers already provided by v1 are not used from v2.
         if self.memory_v1 is not None:
             wanted.discard("memory")
         if self.pids_v1 is not None:
             wanted.discard("pids")
+        if self.cpu_v1 is not None:
+            wanted.discard("cpu")
         if not wanted:
             return
         enable = " ".join(f"+{c}" for c in sorted(wanted))
@@ -218,7 +225,7 @@ class CgroupLayout:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.memory_v1 or self.pids_v1 or self.unified)
+        return bool(self.memory_v1 or self.pids_v1 or self.unified or self.cpu_v1)
 
     def describe(self) -> str:
         if not self.enabled:
@@ -232,8 +239,31 @@ class CgroupLayout:
             parts.append("pids=v1")
         elif "pids" in self.unified_controllers:
             parts.append("pids=v2")
+        if self.cpu_v1:
+            parts.append("cpu=v1")
+        elif "cpu" in self.unified_controllers:
+            parts.append("cpu=v2")
         parts.append("kill=v2 cgroup.kill" if self.has_kill else "kill=sweep")
         return ", ".join(parts)
+
+    def weigh_children_cpu(self, shares: int) -> bool:
+        """Give all children together ``shares`` of CPU against the daemon's 1024.
+
+        A task of the daemon's cgroup weighs 1024 (v1 ``cpu.shares``; v2
+        ``cpu.weight`` 100), so 256 lets the daemon keep up to four fifths of a
+        core while its children are busy, and the children the rest.
+        """
+        try:
+            if self.cpu_v1 is not None:
+                _write(self.cpu_v1 / "cpu.shares", str(max(2, shares)))
+                return True
+            if self.unified is not None and "cpu" in self.unified_controllers:
+                weight = max(1, min(10000, shares * 100 // 1024))
+                _write(self.unified / "cpu.weight", str(weight))
+                return True
+        except OSError as exc:
+            log.warning("cannot weigh the children's CPU: %s", exc)
+        return False
 
     def reserve_memory(self, reserve: int) -> int | None:
         """Cap all children together at what the daemon may use minus ``reserve``.
@@ -279,7 +309,7 @@ class CgroupLayout:
         if not self.enabled:
             return None
         cg = ProcessCgroup()
-        for parent in (self.memory_v1, self.pids_v1, self.unified):
+        for parent in (self.memory_v1, self.pids_v1, self.unified, self.cpu_v1):
             if parent is not None and not parent.is_dir():
                 # Someone removed our parent (another tenant's cleanup): make it again.
                 log.warning("cgroup %s vanished; re-creating it", parent)
@@ -305,6 +335,8 @@ class CgroupLayout:
                     cg.memory = (d, 2)
                 if "pids" in self.unified_controllers:
                     cg.pids = (d, 2)
+            if self.cpu_v1 is not None:
+                cg.shared_procs.append(str(self.cpu_v1 / "cgroup.procs"))
             cg.apply_limits(memory_limit, pids_limit)
         except OSError:
             cg.remove()
@@ -312,7 +344,7 @@ class CgroupLayout:
         return cg
 
     def remove_parents(self) -> None:
-        for parent in (self.memory_v1, self.pids_v1, self.unified):
+        for parent in (self.memory_v1, self.pids_v1, self.unified, self.cpu_v1):
             if parent is None:
                 continue
             for child in parent.iterdir() if parent.is_dir() else ():
@@ -327,10 +359,11 @@ class CgroupLayout:
 class ProcessCgroup:
     """The cgroups of one process, in every hierarchy in use."""
 
-    __slots__ = ("dirs", "memory", "pids", "removed", "unified")
+    __slots__ = ("dirs", "memory", "pids", "removed", "shared_procs", "unified")
 
     def __init__(self) -> None:
         self.dirs: list[Path] = []
+        self.shared_procs: list[str] = []  # groups joined but not owned (the children's CPU group)
         self.memory: tuple[Path, int] | None = None
         self.pids: tuple[Path, int] | None = None
         self.unified: Path | None = None
@@ -338,7 +371,7 @@ class ProcessCgroup:
 
     @property
     def procs_files(self) -> list[str]:
-        return [str(d / "cgroup.procs") for d in self.dirs]
+        return [str(d / "cgroup.procs") for d in self.dirs] + self.shared_procs
 
     def apply_limits(self, memory_limit: int | None, pids_limit: int | None) -> None:
         if memory_limit is not None and self.memory is not None:

@@ -54,6 +54,8 @@ class EngineSettings:
     child_oom_score_adj: int | None = 500
     # Memory kept for the daemon: all children together are capped below it.
     memory_reserve: int = 64 << 20
+    # CPU of all children together against the daemon's 1024 (see cgroups.py).
+    children_cpu_shares: int | None = 256
 
 
 class ProcessNotFound(Exception):
@@ -169,6 +171,8 @@ class ProcessTable:
                 log.info("cannot set the daemon's oom_score_adj to %s: %s", adj, exc)
         self.child_oom_score_adj = self.settings.child_oom_score_adj
         self.children_memory_cap = self.cgroups.reserve_memory(self.settings.memory_reserve)
+        if self.settings.children_cpu_shares:
+            self.cgroups.weigh_children_cpu(self.settings.children_cpu_shares)
 
     # --- starting ---
 
