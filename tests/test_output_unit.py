@@ -180,3 +180,28 @@ def test_restart_backoff_grows_and_caps() -> None:
         RestartPolicy.ALWAYS, crash, **{**kw, "restart_count": 3, "max_restarts": 3}
     )  # type: ignore[arg-type]
     assert stop.restart is False and "max_restarts" in (stop.reason or "")
+
+
+def test_the_pool_bounds_all_stores_and_takes_from_finished_ones_first() -> None:
+    from sandboxd.engine.output import CHUNK_OVERHEAD, OutputPool
+
+    pool = OutputPool(limit_bytes=10_000)
+    done = OutputStore(1 << 20, pool)
+    for i in range(20):
+        done.append(STDOUT, b"d" * 200, i)
+    done.settle()
+    live = OutputStore(1 << 20, pool)
+    for i in range(20):
+        live.append(STDOUT, b"l" * 200, i)
+        assert pool.total <= 10_000 + 200 + CHUNK_OVERHEAD
+    # The finished store paid first; the live one kept everything it could.
+    assert done.dropped[STDOUT] > 0
+    assert live.dropped[STDOUT] == 0
+    for i in range(20, 200):
+        live.append(STDOUT, b"l" * 200, i)
+    assert pool.total <= 10_000
+    assert live.dropped[STDOUT] > 0  # nothing left to take from others: its own oldest bytes
+    assert live.total[STDOUT] - live.dropped[STDOUT] == len(live.bytes_of(STDOUT))
+    assert pool.total == done.retained_bytes + live.retained_bytes
+    pool.forget(done)
+    assert pool.total == live.retained_bytes

@@ -332,3 +332,24 @@ def test_oom_kill_is_reported_as_oom(make_daemon) -> None:  # type: ignore[no-un
         wait_for(lambda: (i := sbx.get_process(q.pid)).status != "running" and i).status
         == "signaled"
     )  # type: ignore[union-attr]
+
+
+def test_output_budget_bounds_all_processes_together(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d: Daemon = make_daemon("--output-cap", "1M", "--output-budget", "1M")
+    with d.http() as http:
+        pids = []
+        for _ in range(4):
+            p = start(http, command="sh", args=["-c", "head -c 500000 /dev/zero | tr '\\0' x"])
+            wait_exited(http, p["pid"])
+            pids.append(p["pid"])
+        kept = 0
+        for pid in pids:
+            raw = http.get(f"/api/v1/processes/{pid}/stdout/raw")
+            assert int(raw.headers["X-Sandboxd-Dropped-Bytes"]) + len(raw.content) == 500000
+            kept += len(raw.content)
+        assert kept <= 1 << 20
+        # The oldest finished process paid; the newest kept all of its output.
+        first = http.get(f"/api/v1/processes/{pids[0]}/stdout").json()
+        last = http.get(f"/api/v1/processes/{pids[-1]}/stdout").json()
+        assert first["truncated"] is True
+        assert last["truncated"] is False

@@ -110,6 +110,15 @@ OPTIONS: tuple[Option, ...] = (
         "SIZE",
     ),
     Option(
+        "--output-budget",
+        "SANDBOXD_OUTPUT_BUDGET",
+        "512M",
+        "bytes of output kept for all processes together; over it the oldest output of "
+        "finished processes goes first (counted as dropped); 0 for no bound",
+        _size_or_none,
+        "SIZE",
+    ),
+    Option(
         "--max-line",
         "SANDBOXD_MAX_LINE",
         "1M",
@@ -310,6 +319,7 @@ def config_table() -> str:
 def build_settings(ns: argparse.Namespace) -> Settings:
     engine = EngineSettings(
         output_cap_bytes=ns.output_cap,
+        output_budget_bytes=ns.output_budget,
         max_line_bytes=ns.max_line,
         max_records=ns.max_records,
         drain_grace_s=ns.drain_grace_ms / 1000.0,

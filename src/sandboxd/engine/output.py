@@ -64,11 +64,56 @@ class Broadcast:
 Chunk = tuple[int, int, bytes]  # (stream, timestamp_ms, data)
 
 
-class OutputStore:
-    """The chunks one process wrote, bounded by ``cap_bytes``."""
+class OutputPool:
+    """A budget shared by every store: the daemon's total output memory.
 
-    def __init__(self, cap_bytes: int) -> None:
+    A per-process cap alone bounds nothing when processes are many (1,024
+    records of 16 MiB is 16 GiB). When the total goes over ``limit_bytes`` the
+    pool takes bytes back, oldest first, from settled stores (processes that are
+    over), in the order they settled; only if that is not enough does the
+    store being written give up its own oldest bytes. Every byte taken is
+    counted as dropped by its store, so the API still says what was lost.
+    """
+
+    def __init__(self, limit_bytes: int | None) -> None:
+        self.limit_bytes = limit_bytes
+        self.total = 0
+        self._settled: dict[int, OutputStore] = {}  # id -> store, in settling order
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+    def over(self) -> int:
+        if self.limit_bytes is None:
+            return 0
+        return max(0, self.total - self.limit_bytes)
+
+    def settled(self, store: OutputStore) -> None:
+        self._settled[id(store)] = store
+
+    def forget(self, store: OutputStore) -> None:
+        """The store's record is gone: its bytes no longer count."""
+        self._settled.pop(id(store), None)
+        self.total -= store.retained_bytes
+
+    def reclaim(self, writer: OutputStore) -> None:
+        for key in list(self._settled):
+            if self.over() <= 0:
+                return
+            store = self._settled[key]
+            store.drop_oldest(self.over(), keep_last=False)
+            if store.retained_bytes == 0:
+                del self._settled[key]
+        if self.over() > 0:
+            writer.drop_oldest(self.over(), keep_last=True)
+
+
+class OutputStore:
+    """The chunks one process wrote, bounded by ``cap_bytes`` (and the pool's budget)."""
+
+    def __init__(self, cap_bytes: int, pool: OutputPool | None = None) -> None:
         self.cap_bytes = max(cap_bytes, 1)
+        self.pool = pool
         self._chunks: list[Chunk] = []
         self._head = 0  # index in _chunks of the oldest retained chunk
         self._first_seq = 0  # absolute sequence number of _chunks[0]
@@ -86,9 +131,15 @@ class OutputStore:
             return
         self._chunks.append((stream, ts_ms, data))
         self.total[stream] += len(data)
-        self._size += len(data) + CHUNK_OVERHEAD
+        n = len(data) + CHUNK_OVERHEAD
+        self._size += n
         if self._size > self.cap_bytes:
-            self._evict()
+            self.drop_oldest(self._size - self.cap_bytes, keep_last=True)
+        pool = self.pool
+        if pool is not None:
+            pool.add(n)
+            if pool.over():
+                pool.reclaim(self)
         self.changed.notify()
 
     def close_stream(self, stream: int) -> None:
@@ -99,17 +150,29 @@ class OutputStore:
         """Tell readers that the process is over: send what is there, then EOF."""
         if not self.settled:
             self.settled = True
+            if self.pool is not None:
+                self.pool.settled(self)
             self.changed.notify()
 
-    def _evict(self) -> None:
+    def drop_oldest(self, nbytes: int, *, keep_last: bool) -> None:
+        """Drop at least ``nbytes`` from the head, counting them as dropped.
+
+        ``keep_last`` keeps the newest chunk even when it alone is over: a
+        live process's latest output is never thrown away as it arrives.
+        """
         chunks = self._chunks
-        # Always keep the newest chunk, even when it alone is over the cap.
-        while self._size > self.cap_bytes and len(chunks) - self._head > 1:
+        keep = 1 if keep_last else 0
+        freed = 0
+        while freed < nbytes and len(chunks) - self._head > keep:
             stream, _ts, data = chunks[self._head]
             chunks[self._head] = (stream, 0, b"")  # free the bytes now
             self._head += 1
-            self._size -= len(data) + CHUNK_OVERHEAD
+            n = len(data) + CHUNK_OVERHEAD
+            freed += n
             self.dropped[stream] += len(data)
+        self._size -= freed
+        if self.pool is not None:
+            self.pool.add(-freed)
         if self._head > 1024 and self._head * 2 > len(chunks):
             del chunks[: self._head]
             self._first_seq += self._head

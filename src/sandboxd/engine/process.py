@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from ._state import ExitInfo, ProcessStatus, classify_exit
 from .cgroups import ProcessCgroup
 from .fairness import LoopBudget
-from .output import STDERR, STDOUT, OutputStore
+from .output import STDERR, STDOUT, OutputPool, OutputStore
 from .spawn import Child, SpawnSpec
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class Process:
         drain_grace: float,
         kill_tree_on_settle: bool = False,
         budget: LoopBudget | None = None,
+        pool: OutputPool | None = None,
     ) -> None:
         self.handle = handle
         self._budget = budget
@@ -68,7 +69,7 @@ class Process:
         self.pid = child.pid
         self.started_at_ms = now_ms()
         self.exit: ExitInfo | None = None
-        self.output = OutputStore(output_cap)
+        self.output = OutputStore(output_cap, pool)
         self.captured: tuple[int, ...] = tuple(
             s for s, on in ((STDOUT, spec.capture_stdout), (STDERR, spec.capture_stderr)) if on
         )

@@ -28,6 +28,7 @@ from .cgroups import CgroupLayout, ProcessCgroup
 from .fairness import LoopBudget
 from .health import HealthCheckConfig
 from .managed import RestartConfig, Supervisor
+from .output import OutputPool
 from .process import Process
 from .spawn import SpawnError, SpawnSpec, build_env, resolve_command, resolve_working_dir, spawn
 
@@ -39,6 +40,8 @@ PR_SET_CHILD_SUBREAPER = 36
 @dataclass(slots=True)
 class EngineSettings:
     output_cap_bytes: int = 16 << 20
+    # All processes' output together (see OutputPool); None: no daemon-wide bound.
+    output_budget_bytes: int | None = 512 << 20
     max_line_bytes: int = 1 << 20
     max_records: int = 1024
     drain_grace_s: float = 0.5
@@ -100,6 +103,7 @@ class ProcessTable:
         self._leave_running = False
         self.children_memory_cap: int | None = None
         # Bulk work gets a bounded share of each loop iteration (fairness.py).
+        self.output_pool = OutputPool(settings.output_budget_bytes)
         self.ingest_budget = LoopBudget()
         self.egress_budget = LoopBudget()
         self.base_env = dict(os.environ)
@@ -254,6 +258,7 @@ class ProcessTable:
             drain_grace=self.settings.drain_grace_s,
             kill_tree_on_settle=kill_tree_on_settle,
             budget=self.ingest_budget,
+            pool=self.output_pool,
         )
         proc.supervisor = supervisor
         proc.on_exit.append(self._on_exit)
@@ -309,6 +314,7 @@ class ProcessTable:
             if sup.name is not None and self._names.get(sup.name) is sup:
                 del self._names[sup.name]
         proc.release()
+        self.output_pool.forget(proc.output)
         if proc.cgroup is not None and not proc.cgroup.remove():
             proc.cgroup.kill()
             self._stale_cgroups.append(proc.cgroup)
