@@ -14,13 +14,16 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import Field
 
 from .. import files
 from ..files import errors as codes
 from ..files import ranges
+from . import models
 from .errors import ApiError, error_response
 
 log = logging.getLogger("sandboxd.files")
@@ -68,10 +71,26 @@ def _api_errors() -> Iterator[None]:
         raise ApiError(STATUS_OF_CODE.get(exc.code, 500), exc.code, exc.message) from None
 
 
+class PathQuery(models.Strict):
+    """The query of every ``/api/v1/files`` route."""
+
+    path: Annotated[
+        models.Text,
+        Field(
+            min_length=1,
+            description="Absolute, or relative to the daemon's working directory. "
+            "A `..` component is refused (403 PATH_TRAVERSAL); symlinks are followed.",
+        ),
+    ]
+
+
 def _path(request: web.Request) -> str:
+    # The first value of a repeated key, as request.query.get() gives.
+    query = {key: request.query.getone(key) for key in request.query}
+    raw = models.parse(PathQuery, query, {"path": codes.INVALID_PATH}).path
     base = request.app.get(BASE_DIR) or os.getcwd()
     with _api_errors():
-        return files.resolve(request.query.get("path"), base)
+        return files.resolve(raw, base)
 
 
 def _worker(request: web.Request) -> files.Serial:

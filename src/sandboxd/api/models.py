@@ -4,34 +4,41 @@ Requests are validated by pydantic models (strict types: ``"9"`` is not a
 signal); a body that does not validate gets 400 ``INVALID_REQUEST`` naming the
 field. Responses are plain dicts built here, field for field as the SDK's
 ``ProcessInfo`` expects (``../shared/spec/tensorlake-api.md`` §4). Extra fields
-(``reason``, ``dropped_bytes``) are ours; the SDK drops unknown fields.
+(``reason``, ``dropped_bytes``) are ours; the SDK drops unknown fields. The
+request models here and the response models in ``schemas.py`` are what the
+OpenAPI document (``openapi.py``) is generated from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from ..engine._state import ExitInfo, RestartPolicy
 from ..engine.health import HealthCheckConfig
 from ..engine.managed import RestartConfig, Supervisor
 from ..engine.output import STDERR, STDOUT
 from ..engine.process import Process
-from ..engine.spawn import SpawnSpec, resolve_user
+from ..engine.spawn import SpawnError, SpawnSpec, resolve_user
 from .errors import ApiError
 
 MAX_ARGV_BYTES = 1 << 20  # the kernel's ARG_MAX is 2 MiB for argv + env together
+MAX_ID = 2**32 - 2  # uid/gid 2**32-1 is (uid_t)-1, "no change" to setuid(2)
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Strict types (`"9"` is not an int, `true` is not 1); unknown fields are ignored."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class UserSpec(_Strict):
-    name: str | None = None
-    uid: Annotated[int, Field(ge=0, le=2**32 - 2)] | None = None
-    gid: Annotated[int, Field(ge=0, le=2**32 - 2)] | None = None
 
 
 def _no_nul(value: str, what: str) -> str:
@@ -40,23 +47,52 @@ def _no_nul(value: str, what: str) -> str:
     return value
 
 
-class CommandRequest(_Strict):
-    command: Annotated[str, Field(min_length=1)]
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    working_dir: str | None = None
-    user: str | UserSpec | None = None
+def _nul_free(value: str) -> str:
+    return _no_nul(value, "value")
 
-    @field_validator("command", "working_dir")
-    @classmethod
-    def _check_str(cls, v: str | None) -> str | None:
-        return None if v is None else _no_nul(v, "value")
+
+# The pattern only documents the rule in the OpenAPI document; the validator
+# enforces it (with a clearer message than a pattern mismatch).
+NUL_FREE_PATTERN = "^[^\\u0000]*$"
+Text = Annotated[
+    str, AfterValidator(_nul_free), Field(json_schema_extra={"pattern": NUL_FREE_PATTERN})
+]
+ENV_SCHEMA: dict[str, Any] = {
+    "propertyNames": {"pattern": "^[^=\\u0000]+$"},
+    "description": "Merged over the daemon's environment. Names are non-empty, without `=` or NUL.",
+}
+
+
+def check_env(v: dict[str, str]) -> dict[str, str]:
+    for k in v:
+        _no_nul(k, "env names")
+        if not k or "=" in k:
+            raise ValueError(f"invalid env name {k!r}")
+    return v
+
+
+class UserSpec(Strict):
+    name: Text | None = None
+    uid: Annotated[int, Field(ge=0, le=MAX_ID)] | None = None
+    gid: Annotated[int, Field(ge=0, le=MAX_ID)] | None = None
+
+
+class CommandRequest(Strict):
+    command: Annotated[Text, Field(min_length=1)]
+    args: list[Text] = Field(
+        default_factory=list,
+        description=f"At most {MAX_ARGV_BYTES} bytes together; one argument at most 128 KiB (the kernel's limit).",
+    )
+    env: dict[str, Text] = Field(default_factory=dict, json_schema_extra=ENV_SCHEMA)
+    working_dir: Text | None = None
+    user: Text | UserSpec | None = Field(
+        default=None,
+        description='A name, "uid" or "uid:gid", or an object with name xor uid (and gid).',
+    )
 
     @field_validator("args")
     @classmethod
     def _check_args(cls, v: list[str]) -> list[str]:
-        for a in v:
-            _no_nul(a, "args")
         if sum(len(a) for a in v) > MAX_ARGV_BYTES:
             raise ValueError(f"args exceed {MAX_ARGV_BYTES} bytes")
         return v
@@ -64,15 +100,10 @@ class CommandRequest(_Strict):
     @field_validator("env")
     @classmethod
     def _check_env(cls, v: dict[str, str]) -> dict[str, str]:
-        for k, val in v.items():
-            _no_nul(k, "env names")
-            _no_nul(val, "env values")
-            if not k or "=" in k:
-                raise ValueError(f"invalid env name {k!r}")
-        return v
+        return check_env(v)
 
 
-class RestartModel(_Strict):
+class RestartModel(Strict):
     policy: Literal["never", "on_failure", "always"] = "on_failure"
     max_restarts: Annotated[int, Field(ge=0)] | None = None
     initial_backoff_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 500
@@ -87,7 +118,7 @@ class RestartModel(_Strict):
         )
 
 
-class HealthCheckModel(_Strict):
+class HealthCheckModel(Strict):
     type: Literal["http", "tcp"]
     port: Annotated[int, Field(ge=1, le=65535)]
     path: str | None = None
@@ -139,23 +170,31 @@ class StartProcessRequest(CommandRequest):
 
 
 class RunRequest(CommandRequest):
-    timeout: Annotated[float, Field(ge=0)] | None = None
-    timeout_secs: Annotated[float, Field(ge=0)] | None = None
+    timeout: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    timeout_secs: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
     @property
     def deadline(self) -> float | None:
         return self.timeout if self.timeout is not None else self.timeout_secs
 
 
-class SignalRequest(_Strict):
+class SignalRequest(Strict):
     signal: int
 
 
-def parse(model: type[_Strict], raw: Any) -> Any:
+def parse(model: type[BaseModel], raw: Any, codes: Mapping[str, str] | None = None) -> Any:
+    """Validate ``raw`` (a decoded JSON body, or a query mapping) into ``model``.
+
+    A failure is 400 with ``codes[field]`` for the first field that failed (in
+    field order, so the earliest field wins as a hand-written check would),
+    ``INVALID_REQUEST`` for other fields or a body that is not an object.
+    """
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ApiError(400, "INVALID_REQUEST", describe_validation(exc)) from None
+        loc = exc.errors()[0]["loc"]
+        code = (codes or {}).get(str(loc[0]) if loc else "", "INVALID_REQUEST")
+        raise ApiError(400, code, describe_validation(exc)) from None
 
 
 def describe_validation(exc: ValidationError) -> str:
@@ -166,11 +205,30 @@ def describe_validation(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def check_user_string(raw: str) -> None:
+    """Refuse ids that ``resolve_user`` would choke on, as the 400 it gives for bad users.
+
+    It reads an all-digit part (``"1000"``, ``"root:1000"``) with ``int()``,
+    which raises on digits that are not decimal (``"²"``) and on more than
+    4300 digits, and an out-of-range gid only fails later, in getgrouplist.
+    """
+    for part, what in zip(raw.strip().partition(":")[::2], ("uid", "gid"), strict=True):
+        if not part.isdigit():
+            continue  # a name (or no group): looked up as such
+        shown = part if len(part) <= 24 else f"{part[:20]}..."
+        if not part.isascii():
+            raise SpawnError("INVALID_USER", f"user: {what} {shown!r} is not a decimal number")
+        if len(part.lstrip("0")) > len(str(MAX_ID)) or int(part) > MAX_ID:
+            raise SpawnError("INVALID_USER", f"user: {what} {shown} is out of range")
+
+
 def to_spawn_spec(req: CommandRequest) -> SpawnSpec:
     user = None
-    if req.user is not None:
-        raw = req.user if isinstance(req.user, str) else req.user.model_dump(exclude_none=True)
-        user = resolve_user(raw)
+    if isinstance(req.user, str):
+        check_user_string(req.user)
+        user = resolve_user(req.user)
+    elif req.user is not None:
+        user = resolve_user(req.user.model_dump(exclude_none=True))
     spec = SpawnSpec(
         command=req.command,
         args=list(req.args),

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
 import struct
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import WSMsgType, web
+from pydantic import Field, field_validator
 
 from ..engine.pty import (
     DEFAULT_COLS,
@@ -40,7 +42,7 @@ from ..engine.pty import (
     TooManySessions,
 )
 from ..engine.spawn import SpawnError
-from . import processes
+from . import models, processes
 from .errors import ApiError, bad_request, not_found
 
 log = logging.getLogger(__name__)
@@ -115,47 +117,53 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 # --- request validation ---
 
-
-def _int(body: dict[str, Any], key: str, default: int) -> int:
-    value = body.get(key)
-    if value is None:
-        return default
-    # bool is an int in Python, never in JSON's sense.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request("INVALID_SIZE", f"{key} must be an integer")
-    return value
-
-
-def _str_list(value: Any, key: str) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise bad_request("INVALID_ARGS", f"{key} must be a list of strings")
-    if any("\x00" in a for a in value):
-        raise bad_request("INVALID_ARGS", f"{key} must not contain NUL bytes")
-    return value
+# The first field that fails names the code (see ``models.parse``); fields are
+# declared in the order the checks ran before they were a model.
+FIELD_CODES = {
+    "command": "INVALID_COMMAND",
+    "working_dir": "INVALID_WORKING_DIR",
+    "rows": "INVALID_SIZE",
+    "cols": "INVALID_SIZE",
+    "args": "INVALID_ARGS",
+    "env": "INVALID_ENV",
+}
+# JSON null means "the default" (24 rows, 80 columns); sizes are clamped, not refused.
+Size = Annotated[
+    int | None,
+    Field(description="Clamped to 1..500 rows and 1..1000 columns; null means the default."),
+]
 
 
-def _env(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise bad_request("INVALID_ENV", "env must be an object of strings")
-    for k, v in value.items():
-        if not k or "=" in k or "\x00" in k or "\x00" in v:
-            raise bad_request("INVALID_ENV", f"invalid env entry {k!r}")
-    return value
+class CreatePtyRequest(models.Strict):
+    command: Annotated[models.Text, Field(min_length=1)]
+    working_dir: models.Text | None = None
+    rows: Size = None
+    cols: Size = None
+    args: list[models.Text] | None = None
+    env: Annotated[dict[str, models.Text] | None, Field(json_schema_extra=models.ENV_SCHEMA)] = None
+
+    @field_validator("env")
+    @classmethod
+    def _check_env(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else models.check_env(v)
+
+    def size(self) -> tuple[int, int]:
+        return (
+            DEFAULT_ROWS if self.rows is None else self.rows,
+            DEFAULT_COLS if self.cols is None else self.cols,
+        )
 
 
-def _size(body: dict[str, Any]) -> tuple[int, int]:
-    return _int(body, "rows", DEFAULT_ROWS), _int(body, "cols", DEFAULT_COLS)
+class ResizeRequest(models.Strict):
+    # Both keys are required; null still means the default, as it did before.
+    rows: Size
+    cols: Size
 
-
-async def _object(request: web.Request) -> dict[str, Any]:
-    body = await processes.read_json(request)
-    if not isinstance(body, dict):
-        raise bad_request("INVALID_REQUEST", "the body must be a JSON object")
-    return body
+    def size(self) -> tuple[int, int]:
+        return (
+            DEFAULT_ROWS if self.rows is None else self.rows,
+            DEFAULT_COLS if self.cols is None else self.cols,
+        )
 
 
 # --- REST ---
@@ -163,27 +171,24 @@ async def _object(request: web.Request) -> dict[str, Any]:
 
 @routes.post("/api/v1/pty")
 async def create_session(request: web.Request) -> web.Response:
-    body = await _object(request)
-    command = body.get("command")
-    if not isinstance(command, str) or not command or "\x00" in command:
-        raise bad_request("INVALID_COMMAND", "command is required and must be a non-empty string")
-    working_dir = body.get("working_dir")
-    if working_dir is not None and (not isinstance(working_dir, str) or "\x00" in working_dir):
-        raise bad_request("INVALID_WORKING_DIR", "working_dir must be a string")
-    rows, cols = _size(body)
+    req = models.parse(CreatePtyRequest, await processes.read_json(request), FIELD_CODES)
+    rows, cols = req.size()
     try:
         session = _manager(request).create(
-            command,
-            args=_str_list(body.get("args"), "args"),
-            env=_env(body.get("env")),
-            working_dir=working_dir,
+            req.command,
+            args=req.args or [],
+            env=req.env or {},
+            working_dir=req.working_dir,
             rows=rows,
             cols=cols,
         )
     except TooManySessions as exc:
         raise ApiError(429, "TOO_MANY_SESSIONS", str(exc)) from None
     except SpawnError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        code = exc.code
+        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.E2BIG:
+            code = "ARGUMENT_LIST_TOO_LONG"  # what a process start answers (not SPAWN_FAILED)
+        raise ApiError(exc.status, code, exc.message) from None
     # The contract needs session_id and token; the rest is the session's info.
     return _json({**session.info(), "token": session.token}, status=201)
 
@@ -201,11 +206,8 @@ async def get_session(request: web.Request) -> web.Response:
 @routes.post("/api/v1/pty/{sid}/resize")
 async def resize_session(request: web.Request) -> web.Response:
     session = _session(request)
-    body = await _object(request)
-    if "rows" not in body or "cols" not in body:
-        raise bad_request("INVALID_SIZE", "rows and cols are required")
-    rows, cols = _size(body)
-    session.resize(rows, cols)  # clamped; a no-op on an ended session
+    req = models.parse(ResizeRequest, await processes.read_json(request), FIELD_CODES)
+    session.resize(*req.size())  # clamped; a no-op on an ended session
     return web.Response(status=204)
 
 
@@ -220,11 +222,18 @@ async def delete_session(request: web.Request) -> web.Response:
 # --- websocket ---
 
 
+class WsQuery(models.Strict):
+    token: str | None = Field(
+        default=None, description="The session token (or the X-PTY-Token header)."
+    )
+
+
 def _token_ok(expected: str, request: web.Request) -> bool:
     want = expected.encode()
     ok = False
+    query = WsQuery.model_validate({"token": request.query.get("token")})
     # Both places are checked (no short cut), so timing says nothing either.
-    for given in (request.query.get("token"), request.headers.get("X-PTY-Token")):
+    for given in (query.token, request.headers.get("X-PTY-Token")):
         if given is not None:
             ok |= hmac.compare_digest(given.encode("utf-8", "replace"), want)
     return ok

@@ -1,4 +1,5 @@
-"""``/api/v1/health`` and ``/api/v1/info``: answered from memory, never behind a lock."""
+"""``/api/v1/health``, ``/api/v1/info`` and the OpenAPI document: answered from memory,
+never behind a lock."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from aiohttp import web
 
 from .. import __version__
+from . import openapi
 from .processes import TABLE
 
 routes = web.RouteTableDef()
@@ -31,3 +33,9 @@ async def info(request: web.Request) -> web.Response:
             "cgroups": table.cgroups.describe(),
         }
     )
+
+
+@routes.get("/api/v1/openapi.json")
+async def openapi_document(request: web.Request) -> web.Response:
+    # Generated once per process from the models the handlers validate with.
+    return web.Response(body=openapi.document_bytes(), content_type="application/json")

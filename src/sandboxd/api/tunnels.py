@@ -22,9 +22,12 @@ import errno
 import logging
 import weakref
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from pydantic import BeforeValidator, Field
 
+from . import models
 from .errors import bad_request, error_response
 
 log = logging.getLogger(__name__)
@@ -55,14 +58,31 @@ async def on_shutdown(app: web.Application) -> None:
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"daemon shutting down")
 
 
+def _decimal(raw: object) -> object:
+    """Only plain ASCII decimal digits: no sign, space, ``_``, ``.0`` or other scripts' digits.
+
+    pydantic's own str → int coercion is laxer than that, so the query string
+    is checked here and handed over as an int.
+    """
+    if isinstance(raw, str):
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 5):
+            raise ValueError(f"port must be an integer 1..65535, got {raw!r}")
+        return int(raw)
+    return raw
+
+
+class TunnelQuery(models.Strict):
+    port: Annotated[
+        int,
+        Field(ge=1, le=65535, description="A TCP port on 127.0.0.1 inside the sandbox."),
+        BeforeValidator(_decimal),  # after Field, or the bounds leave the JSON schema
+    ]
+
+
 def parse_port(raw: str | None) -> int:
     """A decimal port 1..65535; anything else is 400 ``INVALID_PORT``."""
-    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 5:
-        raise bad_request("INVALID_PORT", f"port must be an integer 1..65535, got {raw!r}")
-    port = int(raw)
-    if not 1 <= port <= 65535:
-        raise bad_request("INVALID_PORT", f"port must be an integer 1..65535, got {port}")
-    return port
+    query = {} if raw is None else {"port": raw}
+    return models.parse(TunnelQuery, query, {"port": "INVALID_PORT"}).port  # type: ignore[no-any-return]
 
 
 @routes.get("/api/v1/tunnels/tcp")

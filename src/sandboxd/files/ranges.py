@@ -51,17 +51,29 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not first:
         if not last:
             return None
-        suffix = int(last)
+        suffix = _number(last)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable(size)
         return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    if last and int(last) < start:
+    start = _number(first)
+    if last and _number(last) < start:
         return None  # syntactically invalid: ignored, not refused
     if start >= size:
         raise RangeNotSatisfiable(size)
-    end = min(int(last), size - 1) if last else size - 1
+    end = min(_number(last), size - 1) if last else size - 1
     return ByteRange(start, end)
+
+
+# Larger than any file; what a position of more digits than this is taken for.
+_HUGE = 1 << 63
+
+
+def _number(digits: str) -> int:
+    """A byte position; ones past any file size are all the same huge number.
+
+    int() refuses more than 4300 digits, and a header line may hold 8000.
+    """
+    return int(digits) if len(digits.lstrip("0")) < 19 else _HUGE
 
 
 def etag(size: int, mtime_ns: int) -> str:
