@@ -99,7 +99,9 @@ def test_bad_signal_bodies(http: httpx.Client) -> None:
 
 def test_unknown_routes_and_methods_are_json(http: httpx.Client) -> None:
     assert_error(http.get("/api/v1/nope"), 404, "NOT_FOUND")
-    assert_error(http.put("/api/v1/processes"), 405, "METHOD_NOT_ALLOWED")
+    r = http.put("/api/v1/processes")
+    assert_error(r, 405, "METHOD_NOT_ALLOWED")
+    assert {"GET", "POST"} <= {m.strip() for m in r.headers["Allow"].split(",")}
     assert_error(http.get("/api/v1/processes/abc"), 404, "NOT_FOUND")
 
 

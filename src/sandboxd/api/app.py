@@ -58,7 +58,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             message = f"no route for {request.method} {request.path}"
         else:
             message = exc.reason
-        return error_response(exc.status, code, message)
+        response = error_response(exc.status, code, message)
+        if "Allow" in exc.headers:  # a 405 must say what is allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except ConnectionResetError:
         raise
     except Exception:

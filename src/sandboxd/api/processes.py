@@ -42,20 +42,11 @@ def _table(request: web.Request) -> ProcessTable:
 
 
 # No pid has more digits than this (pid_max is at most 2**22).
-MAX_PID_DIGITS = 10
 
 
 def _process(request: web.Request) -> Process:
-    selector = request.match_info["p"]
-    # The table reads an all-digit selector as a pid with int(), which refuses
-    # digits that are not decimal ("³") and more than 4300 digits: such a
-    # selector can be no pid and (being all digits) no name either.
-    if selector.isdigit() and not (
-        selector.isdecimal() and len(selector.lstrip("0")) <= MAX_PID_DIGITS
-    ):
-        raise not_found(f"Process {selector} not found")
     try:
-        return _table(request).get(selector)
+        return _table(request).get(request.match_info["p"])
     except ProcessNotFound as exc:
         raise not_found(str(exc)) from None
 

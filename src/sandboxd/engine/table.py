@@ -281,6 +281,10 @@ class ProcessTable:
     def get(self, selector: str) -> Process:
         """A process by pid (all digits) or by managed name (its current incarnation)."""
         if selector.isdigit():
+            # Unicode digits ("³") and absurd lengths are digits to isdigit()
+            # but no pid: they select nothing.
+            if not selector.isascii() or len(selector.lstrip("0")) > 10:
+                raise ProcessNotFound(f"Process {selector[:40]} not found")
             handle = self._by_pid.get(int(selector))
             if handle is not None and handle in self._records:
                 return self._records[handle]
