@@ -277,12 +277,13 @@ async def _send_output(ws: web.WebSocketResponse, att: Attachment) -> None:
         started = time.perf_counter()
         event = att.poll()
         if event is None:
-            try:
-                event = await asyncio.wait_for(att.next(), KEEPALIVE_S)
-            except TimeoutError:
+            # asyncio.wait on the shared future, not wait_for(att.next()): no Task
+            # and no shield per output frame (measured: wait_for was 12% of the
+            # echo path), and a timeout leaves the shared future alone.
+            done, _ = await asyncio.wait((att.changed(),), timeout=KEEPALIVE_S)
+            if not done:
                 await ws.ping()
-                continue
-            started = time.perf_counter()
+            continue
         if isinstance(event, bytes):
             await ws.send_bytes(b"\x00" + event)
             if budget is not None:

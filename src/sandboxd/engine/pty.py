@@ -379,6 +379,10 @@ class Attachment:
             # Shielded: cancelling one client must not cancel the shared future.
             await asyncio.shield(self.session._changed.wait())
 
+    def changed(self) -> asyncio.Future[None]:
+        """Done when the session has news; shared by every client, so never cancel it."""
+        return self.session._changed.wait()
+
     def detach(self) -> None:
         if not self._detached:
             self._detached = True
