@@ -355,3 +355,23 @@ def test_output_budget_bounds_all_processes_together(make_daemon) -> None:  # ty
         last = http.get(f"/api/v1/processes/{pids[-1]}/stdout").json()
         assert first["truncated"] is True
         assert last["truncated"] is False
+
+
+def test_a_daemon_that_cannot_drop_privileges_refuses_instead_of_running_as_itself(
+    make_daemon, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    if os.geteuid() != 0:
+        skip_with_reason("needs root to start a daemon without CAP_SETUID")
+    no_setuid = ["setpriv", "--inh-caps=-setuid,-setgid", "--bounding-set=-setuid,-setgid", "--"]
+    d: Daemon = make_daemon(prefix=no_setuid)
+    marker = tmp_path / "ran-as-root"
+    with d.http() as http:
+        r = http.post(
+            "/api/v1/processes", json={"command": "touch", "args": [str(marker)], "user": "nobody"}
+        )
+        assert_error(r, 403, "USER_SWITCH_DENIED")
+        # The daemon's own user needs no switch and still works.
+        ok = start(http, command="id", args=["-u"], user="root")
+        assert wait_exited(http, ok["pid"])["exit_code"] == 0
+        assert http.get(f"/api/v1/processes/{ok['pid']}/stdout").json()["lines"] == ["0"]
+    assert not marker.exists()

@@ -140,6 +140,34 @@ def _resolve_group(group: str) -> int:
         raise SpawnError("GROUP_NOT_FOUND", f"group not found: {group}") from None
 
 
+def is_self(user: Identity) -> bool:
+    """``user`` is exactly who the daemon already is: no switch needed."""
+    return (
+        user.uid == os.geteuid()
+        and user.gid == os.getegid()
+        and set(user.groups) <= set(os.getgroups()) | {user.gid}
+    )
+
+
+def can_switch_to(user: Identity) -> bool:
+    """Whether this daemon may become ``user`` (CAP_SETUID and CAP_SETGID, or already it)."""
+    if is_self(user):
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps & (1 << CAP_SETUID)) and bool(caps & (1 << CAP_SETGID))
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
+CAP_SETGID = 6
+CAP_SETUID = 7
+
+
 # --- validation ---
 
 
@@ -255,7 +283,8 @@ def spawn(
     child_oom_score_adj: int | None = None,
 ) -> Child:
     """Start the child. Raises :class:`SpawnError` for failures the OS reports."""
-    argv = _trampoline(cgroup, spec.user, [path, *spec.args], child_oom_score_adj)
+    user = None if spec.user is None or is_self(spec.user) else spec.user
+    argv = _trampoline(cgroup, user, [path, *spec.args], child_oom_score_adj)
     ours: list[int] = []
     theirs: list[int] = []
 

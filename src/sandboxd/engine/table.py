@@ -30,7 +30,15 @@ from .health import HealthCheckConfig
 from .managed import RestartConfig, Supervisor
 from .output import OutputPool
 from .process import Process
-from .spawn import SpawnError, SpawnSpec, build_env, resolve_command, resolve_working_dir, spawn
+from .spawn import (
+    SpawnError,
+    SpawnSpec,
+    build_env,
+    can_switch_to,
+    resolve_command,
+    resolve_working_dir,
+    spawn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +234,14 @@ class ProcessTable:
         kill_tree_on_settle: bool = False,
         supervisor: Supervisor | None = None,
     ) -> Process:
+        if spec.user is not None and not can_switch_to(spec.user):
+            # Refused up front: a child that cannot drop to the user must not
+            # start at all, let alone run the command as the daemon's user.
+            raise SpawnError(
+                "USER_SWITCH_DENIED",
+                f"this daemon may not switch to uid {spec.user.uid} (no CAP_SETUID/CAP_SETGID)",
+                status=403,
+            )
         cwd = resolve_working_dir(spec.working_dir, self.cwd)
         env = build_env(self.base_env, spec.user, spec.env)
         path = resolve_command(spec.command, env.get("PATH"), cwd)
