@@ -29,6 +29,7 @@ def parse_size(text: str) -> int:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 9501
+    unix: str | None = None  # a unix socket path; replaces host/port when set
     token: str | None = None
     log_format: str = "text"
     on_shutdown: str = "stop"  # or "leave"

@@ -21,9 +21,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import Field
 
 from .. import files
+from ..engine.spawn import Identity, is_self
 from ..files import errors as codes
 from ..files import ranges
-from . import models
+from ..files.identity import assume as assume_identity
+from . import models, processes
 from .errors import ApiError, error_response
 
 log = logging.getLogger("sandboxd.files")
@@ -57,10 +59,25 @@ STATUS_OF_CODE = {
 async def lifespan(app: web.Application) -> AsyncIterator[None]:
     # Relative paths resolve against the directory the daemon was started in.
     app[BASE_DIR] = os.getcwd()
-    pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sandboxd-files")
+    pool = _file_pool(app[processes.TABLE].default_identity)
     app[FILE_IO] = pool
     yield
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _file_pool(identity: Identity | None) -> ThreadPoolExecutor:
+    """The threads that touch files; with ``--default-user`` they act as that user."""
+    if identity is None or is_self(identity):
+        return ThreadPoolExecutor(IO_THREADS, thread_name_prefix="sandboxd-files")
+    # Fail at start-up, not on the first request, if the identity cannot be taken.
+    with ThreadPoolExecutor(1) as probe:
+        probe.submit(assume_identity, identity).result()
+    return ThreadPoolExecutor(
+        IO_THREADS,
+        thread_name_prefix="sandboxd-files",
+        initializer=assume_identity,
+        initargs=(identity,),
+    )
 
 
 @contextlib.contextmanager

@@ -95,6 +95,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--host", "SANDBOXD_HOST", "127.0.0.1", "bind address", metavar="ADDR"),
     Option("--port", "SANDBOXD_PORT", "9501", "TCP port", int),
     Option(
+        "--unix",
+        "SANDBOXD_UNIX",
+        None,
+        "listen on this unix socket instead of TCP (how `sandboxd host` reaches a sandbox)",
+        metavar="PATH",
+    ),
+    Option(
         "--token",
         "SANDBOXD_TOKEN",
         None,
@@ -191,6 +198,15 @@ OPTIONS: tuple[Option, ...] = (
         "(idle keep-alive, slow headers)",
         float,
         "SECONDS",
+    ),
+    Option(
+        "--default-user",
+        "SANDBOXD_DEFAULT_USER",
+        None,
+        "user for processes whose request names none (like an image's USER); the files "
+        "API then follows that user's permissions. Default: the daemon's own user",
+        str,
+        "USER",
     ),
     Option(
         "--children-cpu-shares",
@@ -317,6 +333,13 @@ def config_table() -> str:
 
 
 def build_settings(ns: argparse.Namespace) -> Settings:
+    if ns.default_user:
+        from ..engine.spawn import SpawnError, resolve_user
+
+        try:
+            resolve_user(ns.default_user)
+        except SpawnError as exc:
+            raise SystemExit(f"sandboxd serve: --default-user: {exc.message}") from None
     engine = EngineSettings(
         output_cap_bytes=ns.output_cap,
         output_budget_bytes=ns.output_budget,
@@ -329,6 +352,7 @@ def build_settings(ns: argparse.Namespace) -> Settings:
         subreaper=not ns.no_subreaper,
         stop_grace_s=ns.stop_grace_ms / 1000.0,
         children_cpu_shares=ns.children_cpu_shares or None,
+        default_user=ns.default_user or None,
         memory_reserve=ns.memory_reserve,
     )
     return Settings(
@@ -337,6 +361,7 @@ def build_settings(ns: argparse.Namespace) -> Settings:
         idle_timeout_s=ns.idle_timeout_s,
         host=ns.host,
         port=ns.port,
+        unix=ns.unix or None,
         token=ns.token or None,
         log_format=ns.log_format,
         engine=engine,
@@ -358,13 +383,21 @@ async def serve(settings: Settings) -> None:
         keepalive_timeout=settings.idle_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    site: web.BaseSite
+    if settings.unix:
+        # A stale socket from a previous run would make bind fail.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(settings.unix)
+        site = web.UnixSite(runner, settings.unix)
+        where = f"unix:{settings.unix}"
+    else:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+        where = f"http://{settings.host}:{settings.port}"
     await site.start()
     log.info(
-        "sandboxd %s listening on http://%s:%d%s",
+        "sandboxd %s listening on %s%s",
         __version__,
-        settings.host,
-        settings.port,
+        where,
         " (bearer token required)" if settings.token else "",
     )
     if os.getpid() == 1:

@@ -36,6 +36,7 @@ from .spawn import (
     build_env,
     can_switch_to,
     resolve_command,
+    resolve_user,
     resolve_working_dir,
     spawn,
 )
@@ -65,6 +66,9 @@ class EngineSettings:
     child_oom_score_adj: int | None = 500
     # Memory kept for the daemon: all children together are capped below it.
     memory_reserve: int = 64 << 20
+    # The user processes run as when a request names none (an image's USER);
+    # the files API then follows that user's permissions too. None: the daemon's.
+    default_user: str | None = None
     # CPU of all children together against the daemon's 1024 (see cgroups.py).
     children_cpu_shares: int | None = 256
 
@@ -109,6 +113,10 @@ class ProcessTable:
         self.spawned_total = 0
         self.child_oom_score_adj: int | None = None
         self._leave_running = False
+        # Raises SpawnError (USER_NOT_FOUND, ...) at start-up for a bad --default-user.
+        self.default_identity = (
+            resolve_user(settings.default_user) if settings.default_user else None
+        )
         self.children_memory_cap: int | None = None
         # Bulk work gets a bounded share of each loop iteration (fairness.py).
         self.output_pool = OutputPool(settings.output_budget_bytes)
@@ -234,6 +242,8 @@ class ProcessTable:
         kill_tree_on_settle: bool = False,
         supervisor: Supervisor | None = None,
     ) -> Process:
+        if spec.user is None and self.default_identity is not None:
+            spec.user = self.default_identity
         if spec.user is not None and not can_switch_to(spec.user):
             # Refused up front: a child that cannot drop to the user must not
             # start at all, let alone run the command as the daemon's user.
