@@ -321,3 +321,33 @@ def test_range_positions_of_thousands_of_digits(http: httpx.Client, tmp_path: An
     assert (r.status_code, r.content) == (206, b"3456789")
     r = http.get("/api/v1/files", params={"path": path}, headers={"Range": f"bytes=0{'0' * 40}5-6"})
     assert (r.status_code, r.content) == (206, b"56")
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while data := s.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_requests_that_are_not_valid_http_get_json_errors_too(daemon) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    cases = [
+        b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",  # NUL in a header
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line over 8 KiB
+        b"POST /api/v1/processes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    for request in cases:
+        reply = _raw(daemon.port, request)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1].startswith(b"4"), head
+        assert b"application/json" in head.lower(), head
+        assert _json.loads(body)["code"], body
+    assert _raw(
+        daemon.port, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).startswith(b"HTTP/1.1 200")

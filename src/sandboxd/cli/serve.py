@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..api.server import json_errors
 from ..config import Settings, env, parse_size
 from ..engine.table import EngineSettings
 
@@ -383,6 +384,7 @@ async def serve(settings: Settings) -> None:
         keepalive_timeout=settings.idle_timeout_s,
     )
     await runner.setup()
+    json_errors(runner)  # even requests aiohttp rejects itself get a JSON error body
     site: web.BaseSite
     if settings.unix:
         # A stale socket from a previous run would make bind fail.
