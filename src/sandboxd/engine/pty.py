@@ -99,7 +99,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .output import Broadcast
-from .spawn import SH, SpawnError, build_env, resolve_command, resolve_working_dir
+from .spawn import SpawnError, build_env, resolve_command, resolve_working_dir, trampoline
 
 if TYPE_CHECKING:
     from .cgroups import CgroupLayout, ProcessCgroup
@@ -787,30 +787,6 @@ class _Spawned:
     pidfd: int
 
 
-def _trampoline(
-    cgroup: ProcessCgroup | None, argv: list[str], oom_score_adj: int | None
-) -> list[str]:
-    """``setsid -c argv``, prepared by a ``/bin/sh`` when there is something to do.
-
-    Like ``spawn.py``: join the cgroups before anything runs, and undo the
-    daemon's own OOM protection (children inherit ``oom_score_adj``). A failed
-    step exits 125 and the command never runs.
-    """
-    argv = [SETSID, "-c", *argv]
-    files = cgroup.procs_files if cgroup is not None else []
-    steps = [f'echo 0 > "${i + 1}"' for i in range(len(files))]
-    if oom_score_adj is not None:
-        steps.append(f"echo {int(oom_score_adj)} > /proc/self/oom_score_adj")
-    if not steps:
-        return argv
-    script = (
-        f"{{ {' && '.join(steps)}; }} 2>/dev/null || "
-        '{ echo "sandboxd: cannot prepare the terminal (cgroup, oom_score_adj)" >&2; exit 125; }; '
-        f'shift {len(files)}; exec "$@"'
-    )
-    return [SH, "-c", script, "sandboxd-pty", *files, *argv]
-
-
 def _spawn(
     path: str,
     args: list[str],
@@ -830,7 +806,9 @@ def _spawn(
             attrs[0] |= IUTF8  # backspace erases a whole UTF-8 character
             termios.tcsetattr(slave, termios.TCSANOW, attrs)
         os.set_blocking(master, False)
-        argv = _trampoline(cgroup, [path, *args], oom_score_adj)
+        # The same preparation as every process (spawn.trampoline), then
+        # ``setsid -c`` for the session and the controlling terminal.
+        argv = trampoline(cgroup, None, [SETSID, "-c", path, *args], oom_score_adj, "sandboxd-pty")
         try:
             # No start_new_session: setsid must find the child *not* a group
             # leader, or it would fork and the pid we watch would not be the program.

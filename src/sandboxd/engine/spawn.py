@@ -243,8 +243,12 @@ def build_env(base: dict[str, str], user: Identity | None, extra: dict[str, str]
 # --- spawning ---
 
 
-def _trampoline(
-    cgroup: ProcessCgroup | None, user: Identity | None, argv: list[str], oom_score_adj: int | None
+def trampoline(
+    cgroup: ProcessCgroup | None,
+    user: Identity | None,
+    argv: list[str],
+    oom_score_adj: int | None,
+    label: str = "sandboxd-exec",
 ) -> list[str]:
     """The argv that prepares the child, then ``exec``s ``argv`` in the same pid.
 
@@ -268,10 +272,10 @@ def _trampoline(
         return prefix + argv
     script = (
         f"{{ {' && '.join(steps)}; }} 2>/dev/null || "
-        '{ echo "sandboxd: cannot prepare the process (cgroup, oom_score_adj)" >&2; exit 125; }; '
+        '{ echo "sandboxd: cannot prepare the child (cgroup, oom_score_adj)" >&2; exit 125; }; '
         f'shift {len(files)}; exec "$@"'
     )
-    return [SH, "-c", script, "sandboxd-exec", *files, *prefix, *argv]
+    return [SH, "-c", script, label, *files, *prefix, *argv]
 
 
 def spawn(
@@ -284,7 +288,7 @@ def spawn(
 ) -> Child:
     """Start the child. Raises :class:`SpawnError` for failures the OS reports."""
     user = None if spec.user is None or is_self(spec.user) else spec.user
-    argv = _trampoline(cgroup, user, [path, *spec.args], child_oom_score_adj)
+    argv = trampoline(cgroup, user, [path, *spec.args], child_oom_score_adj)
     ours: list[int] = []
     theirs: list[int] = []
 
