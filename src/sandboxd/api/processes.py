@@ -194,7 +194,7 @@ async def write_stdin(request: web.Request) -> web.Response:
     proc = _process(request)
     try:
         if not proc.stdin_writable:
-            raise StdinNotWritable(proc._stdin_problem())
+            raise StdinNotWritable(proc.stdin_problem())
         idle = _idle_timeout(request)
         while True:
             try:

@@ -278,7 +278,7 @@ class Process:
 
     async def write_stdin(self, data: bytes) -> None:
         if not self.stdin_writable:
-            raise StdinNotWritable(self._stdin_problem())
+            raise StdinNotWritable(self.stdin_problem())
         async with self._stdin_lock:
             view = memoryview(data)
             while view:
@@ -323,7 +323,8 @@ class Process:
         if waiter is not None and not waiter.done():
             waiter.set_exception(StdinNotWritable("stdin was closed while writing"))
 
-    def _stdin_problem(self) -> str:
+    def stdin_problem(self) -> str:
+        """Why stdin cannot be written now, for the error message."""
         if not self.spec.stdin_pipe:
             return f"Process {self.pid} was not started with stdin_mode=pipe"
         if self.exit is not None:

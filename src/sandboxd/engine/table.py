@@ -21,8 +21,11 @@ import ctypes
 import logging
 import os
 import signal
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .cgroups import CgroupLayout, ProcessCgroup
 from .fairness import LoopBudget
@@ -113,6 +116,11 @@ class ProcessTable:
         self.spawned_total = 0
         self.child_oom_score_adj: int | None = None
         self._leave_running = False
+        # Observers (metrics): called on every spawn with its duration, every
+        # refused start, and every record forgotten. They must not raise.
+        self.on_spawn: list[Callable[[Process, float], None]] = []
+        self.on_spawn_failed: list[Callable[[SpawnError], None]] = []
+        self.on_forget: list[Callable[[Process], None]] = []
         # Raises SpawnError (USER_NOT_FOUND, ...) at start-up for a bad --default-user.
         self.default_identity = (
             resolve_user(settings.default_user) if settings.default_user else None
@@ -235,7 +243,19 @@ class ProcessTable:
             self._names[name] = sup
         return proc
 
-    def _spawn(
+    def _spawn(self, spec: SpawnSpec, **kwargs: Any) -> Process:
+        started = time.perf_counter()
+        try:
+            proc = self._spawn_process(spec, **kwargs)
+        except SpawnError as exc:
+            for failed in self.on_spawn_failed:
+                failed(exc)
+            raise
+        for spawned in self.on_spawn:
+            spawned(proc, time.perf_counter() - started)
+        return proc
+
+    def _spawn_process(
         self,
         spec: SpawnSpec,
         *,
@@ -334,6 +354,9 @@ class ProcessTable:
         return len(self._records)
 
     def forget(self, proc: Process) -> None:
+        if self._records.get(proc.handle) is proc:  # forgotten once, reported once
+            for forgotten in self.on_forget:
+                forgotten(proc)
         self._records.pop(proc.handle, None)
         if self._by_pid.get(proc.pid) == proc.handle:
             del self._by_pid[proc.pid]

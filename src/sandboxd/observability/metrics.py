@@ -8,8 +8,9 @@ Two kinds of numbers are exported:
   what ``GET /api/v1/processes`` shows.
 * **Events** (spawns, spawn latency, exits, OOM kills, HTTP requests) are
   counted as they happen. The engine is not edited for this:
-  :func:`instrument_table` wraps the table's ``_spawn`` and ``forget`` on the
-  instance, and hangs a callback on each new process's ``on_exit`` list.
+  :func:`instrument_table` registers with the table's ``on_spawn``,
+  ``on_spawn_failed`` and ``on_forget`` observers, and hangs a callback on each
+  new process's ``on_exit`` list.
 
 Output byte counters must never go down, yet the table forgets old records.
 The wrapped ``forget`` moves a record's totals into an archive first, so the
@@ -21,9 +22,8 @@ daemons in one test process, or two test apps, from sharing numbers.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -198,30 +198,20 @@ class Metrics:
 def instrument_table(table: ProcessTable, metrics: Metrics) -> None:
     """Count spawns, their latency, failures and exits, and archive forgotten output totals.
 
-    Wraps the instance's ``_spawn`` (every start goes through it: plain starts,
-    runs and each managed incarnation) and ``forget`` (eviction and shutdown).
+    Uses the table's observer lists: every start goes through them (plain
+    starts, runs and each managed incarnation), and so does every record the
+    table forgets (eviction).
     """
     metrics.engine.table = table
-    spawn: Callable[..., Process] = table._spawn
-    forget: Callable[[Process], None] = table.forget
 
-    def timed_spawn(*args: Any, **kwargs: Any) -> Process:
-        t0 = time.perf_counter()
-        try:
-            proc = spawn(*args, **kwargs)
-        except SpawnError as exc:
-            metrics.spawn_failures.labels(exc.code).inc()
-            raise
-        metrics.spawn_seconds.observe(time.perf_counter() - t0)
+    def spawned(proc: Process, seconds: float) -> None:
+        metrics.spawn_seconds.observe(seconds)
         metrics.spawns.inc()
         proc.on_exit.append(metrics.on_exit)
-        return proc
 
-    def archiving_forget(proc: Process) -> None:
-        if table.by_handle(proc.handle) is proc:  # forgotten once, counted once
-            metrics.engine.archive(proc)
-        forget(proc)
+    def failed(exc: SpawnError) -> None:
+        metrics.spawn_failures.labels(exc.code).inc()
 
-    # Instance attributes shadow the methods; the table calls self._spawn/self.forget.
-    setattr(table, "_spawn", timed_spawn)  # noqa: B010
-    setattr(table, "forget", archiving_forget)  # noqa: B010
+    table.on_spawn.append(spawned)
+    table.on_spawn_failed.append(failed)
+    table.on_forget.append(metrics.engine.archive)
