@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 9501
 
-.PHONY: run test lint venv clean bench
+.PHONY: run test lint venv clean bench host-deps
 
 venv: $(VENV)/.installed
 
@@ -22,7 +22,15 @@ run: venv
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv
+# `sandboxd host` needs bubblewrap. As root on Debian it is installed here; anywhere
+# else the sandbox tests skip with the reason printed.
+host-deps:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } \
+	  || echo "bubblewrap is not installed: the sandbox tests (tests/test_host.py) will skip"
+
+test: venv host-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

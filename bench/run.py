@@ -24,6 +24,7 @@ from types import ModuleType
 import fig_exec
 import fig_files
 import fig_footprint
+import fig_host
 import fig_metadata
 import fig_output
 import fig_pty
@@ -39,6 +40,7 @@ FIGURES: dict[str, ModuleType] = {
     "pty": fig_pty,
     "files": fig_files,
     "footprint": fig_footprint,
+    "host": fig_host,
 }
 # What a figure's rows are called if the figure fails before producing them.
 KEYS = {
@@ -48,6 +50,7 @@ KEYS = {
     "pty": ["pty_echo"],
     "files": ["files_put", "files_get"],
     "footprint": ["cold_start", "idle_rss", "rss_1000", "stalled_follower"],
+    "host": fig_host.KEYS,
 }
 # `make bench` must finish within 10 minutes on 2 cores: profiles that would
 # start after this point are skipped (and the skip is logged).

@@ -1,4 +1,4 @@
-"""The ``sandboxd`` command: ``serve`` runs the daemon, the rest drive one.
+"""The ``sandboxd`` command: ``serve`` runs the daemon, ``host`` the control plane, the rest drive one.
 
 Subcommands live one group per module (``serve``, ``system``, ``procs``,
 ``run``, ``terminal``, ``files``); each module has ``register(sub, parent)``
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .. import __version__
-from . import files, procs, run, serve, system, terminal
+from . import files, host, procs, run, serve, system, terminal
 from .client import Client, Target
 from .common import EXIT_INTERRUPTED, CliError, target_parser
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     serve.add_parser(sub)
+    host.add_parser(sub)
     parent = target_parser()
     for module in (system, procs, run, terminal, files):
         module.register(sub, parent)
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.cmd == "serve":
+    if ns.cmd in ("serve", "host"):
         return int(ns.run(ns))
     return dispatch(ns)
 

@@ -1,0 +1,332 @@
+"""Lifecycle requests and replies as the Tensorlake SDK speaks them; no I/O here.
+
+Validation turns a create or PATCH body into a typed spec or an :class:`ApiError`
+(always a 4xx with a specific ``code``: a 5xx on create would be misread by the
+SDK, which does not retry creates). :func:`info` renders a record as the
+SandboxInfo the SDK parses (``tensorlake-lifecycle.md`` §4.3).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+# Exactly the SDK's SandboxStatus enum; any other string fails its validation.
+PENDING = "pending"
+RUNNING = "running"
+SUSPENDED = "suspended"
+TERMINATED = "terminated"
+FAILED = "failed"
+STATUSES = frozenset(
+    {
+        PENDING,
+        RUNNING,
+        "snapshotting",
+        "suspending",
+        SUSPENDED,
+        TERMINATED,
+        "timeout",
+        FAILED,
+    }
+)
+# Live: holds its name, is listed, can be deleted. A suspended sandbox is frozen
+# (cgroup freezer), its memory and processes intact.
+LIVE = frozenset({PENDING, RUNNING, SUSPENDED})
+
+# Image names that map to the "default" image: the host's root filesystem,
+# read-only. The SDK's managed base names are accepted so scripts written for
+# Tensorlake run unchanged; anything else is an unknown image (400).
+DEFAULT_IMAGE = "default"
+IMAGE_ALIASES = frozenset(
+    {
+        DEFAULT_IMAGE,
+        "python",
+        "tensorlake/ubuntu-minimal",
+        "tensorlake/debian-minimal",
+    }
+)
+
+DEFAULT_CPUS = 1.0
+DEFAULT_MEMORY_MB = 1024
+DEFAULT_DISK_MB = 10240
+MIN_MEMORY_MB = 64  # below this the sandbox's own daemon does not start
+MAX_TIMEOUT_SECS = 10 * 365 * 86400
+
+# DNS-label-like: names end up in URLs and logs; ids start with "sbx-", which
+# names may not, so a lookup by "id or name" is never ambiguous.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+_CREATE_KEYS = frozenset(
+    {
+        "auto_resume",
+        "image",
+        "resources",
+        "timeout_secs",
+        "entrypoint",
+        "network",
+        "snapshot_id",
+        "allow_unauthenticated_access",
+        "exposed_ports",
+        "name",
+        "file_systems",
+        "wait",
+        "max_pending_secs",
+        "secret_names",
+        "template_id",
+    }
+)
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status and a stable machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.message, "code": self.code}
+
+
+def bad(code: str, message: str) -> ApiError:
+    return ApiError(400, code, message)
+
+
+def new_id() -> str:
+    return "sbx-" + secrets.token_hex(8)
+
+
+def check_namespace(ns: str) -> str:
+    if not _NAMESPACE.match(ns):
+        raise bad("INVALID_NAMESPACE", f"namespace {ns!r} is not a valid name")
+    return ns
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSpec:
+    """A validated CreateSandboxRequest."""
+
+    image: str = DEFAULT_IMAGE
+    cpus: float = DEFAULT_CPUS
+    memory_mb: int = DEFAULT_MEMORY_MB
+    disk_mb: int = DEFAULT_DISK_MB
+    timeout_secs: int = 0
+    name: str | None = None
+    wait: bool = True
+    entrypoint: list[str] | None = None
+    exposed_ports: list[int] = field(default_factory=list)
+    allow_unauthenticated_access: bool = False
+    network: dict[str, Any] | None = None
+    auto_resume: bool = True
+
+
+def _int(value: Any, key: str, lo: int, hi: int) -> int:
+    # bool is an int in Python; JSON true is not a number.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad("INVALID_" + key.upper(), f"{key} must be an integer")
+    if not lo <= value <= hi:
+        raise bad("INVALID_" + key.upper(), f"{key} must be between {lo} and {hi}")
+    return value
+
+
+def check_name(value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value) or value.startswith("sbx-"):
+        raise bad(
+            "INVALID_NAME",
+            "name must be 1-63 letters, digits, '.', '_' or '-', start with a letter or "
+            "digit, and not start with 'sbx-'",
+        )
+    return value
+
+
+def _ports(value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise bad("INVALID_EXPOSED_PORTS", "exposed_ports must be a list of ports")
+    return sorted({_int(p, "exposed_ports", 1, 65535) for p in value})
+
+
+def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
+    if not isinstance(body, dict):
+        raise bad("INVALID_BODY", "the body must be a JSON object")
+    unknown = sorted(set(body) - _CREATE_KEYS)
+    if unknown:
+        raise bad("UNKNOWN_FIELD", f"unknown field(s): {', '.join(unknown)}")
+    # Features this host does not have are refused, never silently ignored.
+    for key, code in (
+        ("snapshot_id", "SNAPSHOTS_UNSUPPORTED"),
+        ("file_systems", "FILE_SYSTEMS_UNSUPPORTED"),
+        ("template_id", "TEMPLATES_UNSUPPORTED"),
+        ("secret_names", "SECRETS_UNSUPPORTED"),
+    ):
+        if body.get(key):
+            raise bad(code, f"{key} is not supported by this self-hosted sandboxd")
+    image = body.get("image") or DEFAULT_IMAGE
+    if not isinstance(image, str) or image not in IMAGE_ALIASES:
+        raise ApiError(
+            400,
+            "UNKNOWN_IMAGE",
+            f"unknown image {image!r}; this host has: {', '.join(sorted(IMAGE_ALIASES))}",
+        )
+    res = body.get("resources") or {}
+    if not isinstance(res, dict):
+        raise bad("INVALID_RESOURCES", "resources must be an object")
+    if res.get("gpus"):
+        raise bad("GPUS_UNSUPPORTED", "this host has no GPUs")
+    cpus_raw = res.get("cpus", DEFAULT_CPUS)
+    if isinstance(cpus_raw, bool) or not isinstance(cpus_raw, (int, float)):
+        raise bad("INVALID_CPUS", "resources.cpus must be a number")
+    max_cpus = host_cpus or os.cpu_count() or 1
+    if not 0 < cpus_raw <= max_cpus:
+        raise bad("INVALID_CPUS", f"resources.cpus must be > 0 and at most {max_cpus}")
+    memory_mb = _int(res.get("memory_mb", DEFAULT_MEMORY_MB), "memory_mb", MIN_MEMORY_MB, 1 << 22)
+    # ext4 files stop at 16 TiB; 1 TiB is plenty for one sandbox on one host.
+    disk_mb = _int(res.get("disk_mb", DEFAULT_DISK_MB), "disk_mb", 16, 1 << 20)
+    timeout = _int(body.get("timeout_secs", 0) or 0, "timeout_secs", 0, MAX_TIMEOUT_SECS)
+    name = body.get("name")
+    if name is not None:
+        name = check_name(name)
+    wait = body.get("wait", True)
+    if not isinstance(wait, bool):
+        raise bad("INVALID_WAIT", "wait must be a boolean")
+    entry = body.get("entrypoint")
+    if entry is not None and (
+        not isinstance(entry, list) or not all(isinstance(a, str) for a in entry)
+    ):
+        raise bad("INVALID_ENTRYPOINT", "entrypoint must be a list of strings")
+    if entry:
+        raise bad("ENTRYPOINT_UNSUPPORTED", "entrypoint is not supported yet")
+    network = body.get("network")
+    if network is not None and not isinstance(network, dict):
+        raise bad("INVALID_NETWORK", "network must be an object")
+    auto_resume = body.get("auto_resume", True)
+    if not isinstance(auto_resume, bool):
+        raise bad("INVALID_AUTO_RESUME", "auto_resume must be a boolean")
+    auth = body.get("allow_unauthenticated_access", False)
+    if not isinstance(auth, bool):
+        raise bad("INVALID_ALLOW_UNAUTHENTICATED_ACCESS", "must be a boolean")
+    return CreateSpec(
+        image=DEFAULT_IMAGE,
+        cpus=float(cpus_raw),
+        memory_mb=memory_mb,
+        disk_mb=disk_mb,
+        timeout_secs=timeout,
+        name=name,
+        wait=wait,
+        exposed_ports=_ports(body.get("exposed_ports", [])),
+        allow_unauthenticated_access=auth,
+        network=network,
+        auto_resume=auto_resume,
+    )
+
+
+@dataclass(slots=True)
+class Record:
+    """One sandbox as stored: the spec it was made with plus its lifecycle state."""
+
+    id: str
+    namespace: str
+    status: str
+    image: str
+    cpus: float
+    memory_mb: int
+    disk_mb: int
+    timeout_secs: int
+    created_at: float
+    name: str | None = None
+    exposed_ports: list[int] = field(default_factory=list)
+    allow_unauthenticated_access: bool = False
+    network: dict[str, Any] | None = None
+    terminated_at: float | None = None
+    termination_reason: str | None = None
+    error: str | None = None
+    auto_resume: bool = True  # a request through the proxy resumes a suspended sandbox
+
+    @classmethod
+    def new(cls, namespace: str, spec: CreateSpec, now: float) -> Record:
+        return cls(
+            id=new_id(),
+            namespace=namespace,
+            status=PENDING,
+            image=spec.image,
+            cpus=spec.cpus,
+            memory_mb=spec.memory_mb,
+            disk_mb=spec.disk_mb,
+            timeout_secs=spec.timeout_secs,
+            created_at=now,
+            name=spec.name,
+            exposed_ports=list(spec.exposed_ports),
+            allow_unauthenticated_access=spec.allow_unauthenticated_access,
+            network=spec.network,
+            auto_resume=spec.auto_resume,
+        )
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE
+
+    def deadline(self) -> float | None:
+        return self.created_at + self.timeout_secs if self.timeout_secs > 0 else None
+
+
+def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
+    """SandboxInfo (§4.3). ``sandbox_url`` only while the sandbox can answer."""
+    out: dict[str, Any] = {
+        # Only "id": the SDK's serde treats sandbox_id as an alias and rejects both.
+        "id": rec.id,
+        "namespace": rec.namespace,
+        "status": rec.status,
+        "image": rec.image,
+        "resources": {"cpus": rec.cpus, "memory_mb": rec.memory_mb, "disk_mb": rec.disk_mb},
+        "timeout_secs": rec.timeout_secs,
+        "created_at": rec.created_at,
+        "allow_unauthenticated_access": rec.allow_unauthenticated_access,
+        "exposed_ports": rec.exposed_ports,
+        "runtime": "bubblewrap",
+        "auto_resume": rec.auto_resume,
+    }
+    if rec.name is not None:
+        out["name"] = rec.name
+    if rec.network is not None:
+        out["network_policy"] = rec.network
+    # Suspended too: the SDK's connect/get_or_create need it, and a request
+    # through the proxy resumes the sandbox.
+    if rec.status in (RUNNING, SUSPENDED):
+        out["sandbox_url"] = sandbox_url
+    if rec.terminated_at is not None:
+        out["terminated_at"] = rec.terminated_at
+    if rec.termination_reason is not None:
+        out["termination_reason"] = rec.termination_reason
+    if rec.error is not None:
+        out["error_details"] = {"message": rec.error}
+    return out
+
+
+def parse_update(body: Any) -> dict[str, Any]:
+    """A PATCH body → the changes to apply (not yet: resources, network)."""
+    if not isinstance(body, dict) or not body:
+        raise bad("INVALID_BODY", "the body must be a non-empty JSON object")
+    changes: dict[str, Any] = {}
+    for key, value in body.items():
+        if key == "name":
+            changes["name"] = check_name(value)
+        elif key == "exposed_ports":
+            changes["exposed_ports"] = _ports(value)
+        elif key == "allow_unauthenticated_access":
+            if not isinstance(value, bool):
+                raise bad("INVALID_ALLOW_UNAUTHENTICATED_ACCESS", "must be a boolean")
+            changes[key] = value
+        elif key == "auto_resume":
+            if not isinstance(value, bool):
+                raise bad("INVALID_AUTO_RESUME", "auto_resume must be a boolean")
+            changes[key] = value
+        elif key in ("resources", "network"):
+            raise bad("UPDATE_UNSUPPORTED", f"changing {key} is not supported yet")
+        else:
+            raise bad("UNKNOWN_FIELD", f"unknown field {key!r}")
+    return changes

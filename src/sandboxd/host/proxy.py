@@ -1,0 +1,183 @@
+"""The sandbox proxy: ``/api/v1/*`` to the daemon of the sandbox the request names.
+
+The SDK names the sandbox with ``Host: <id>.local`` when ``sandbox_url`` is on
+127.0.0.1/localhost, and with ``X-Tensorlake-Sandbox-Id`` otherwise
+(``tensorlake-lifecycle.md`` §6). Bodies are relayed chunk by chunk as they
+arrive, both ways, with no decompression, so SSE events reach the client as
+the daemon writes them and the bytes are the daemon's own. Websockets (PTY,
+tunnels) are relayed message by message, keeping each message's type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+# RFC 9110 §7.6.1: connection-scoped headers are not forwarded. Host is
+# replaced by the connector's; content-length/transfer-encoding are re-derived.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+WS_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+    }
+)
+LOCAL_SUFFIX = ".local"
+
+
+def sandbox_id_of(request: web.Request) -> str | None:
+    explicit = request.headers.get("X-Tensorlake-Sandbox-Id")
+    if explicit:
+        return explicit.strip()
+    host = (request.headers.get("Host") or "").rsplit(":", 1)[0] if request.host else ""
+    host = host.lower()
+    if host.endswith(LOCAL_SUFFIX):
+        return host[: -len(LOCAL_SUFFIX)] or None
+    return None
+
+
+def _forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    items: list[tuple[str, str]] = list(headers.items())  # type: ignore[attr-defined]
+    return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in drop]
+
+
+class Sessions:
+    """One client session (a unix-socket connection pool) per sandbox."""
+
+    def __init__(self, socket_of: Callable[[str], str]) -> None:
+        self._socket_of = socket_of
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def get(self, sandbox_id: str) -> aiohttp.ClientSession:
+        s = self._sessions.get(sandbox_id)
+        if s is None or s.closed:
+            s = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=self._socket_of(sandbox_id)),
+                auto_decompress=False,
+                # Streams last as long as their process; the client decides.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            )
+            self._sessions[sandbox_id] = s
+        return s
+
+    async def drop(self, sandbox_id: str) -> None:
+        s = self._sessions.pop(sandbox_id, None)
+        if s is not None:
+            await s.close()
+
+    async def close(self) -> None:
+        for sid in list(self._sessions):
+            await self.drop(sid)
+
+
+async def forward_http(request: web.Request, session: aiohttp.ClientSession) -> web.StreamResponse:
+    url = "http://sandbox" + request.rel_url.raw_path_qs
+    body = request.content if request.body_exists else None
+    try:
+        upstream = await session.request(
+            request.method,
+            url,
+            headers=_forward_headers(request.headers),
+            data=body,
+            allow_redirects=False,
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        return web.json_response(
+            {"error": f"the sandbox's daemon is unreachable: {exc}", "code": "SANDBOX_UNREACHABLE"},
+            status=502,
+        )
+    async with upstream:
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for k, v in _forward_headers(upstream.headers):
+            resp.headers.add(k, v)
+        length = upstream.headers.get("Content-Length")
+        if length is not None:
+            resp.content_length = int(length)
+        await resp.prepare(request)
+        # iter_any: whatever bytes have arrived, at once; never waits to fill a buffer.
+        async for chunk in upstream.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+
+async def forward_ws(request: web.Request, session: aiohttp.ClientSession) -> web.StreamResponse:
+    url = "http://sandbox" + request.rel_url.raw_path_qs
+    protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    protocols = [p for p in protocols if p]
+    try:
+        upstream = await session.ws_connect(
+            url,
+            headers=_forward_headers(request.headers, WS_HANDSHAKE | {"sec-websocket-protocol"}),
+            protocols=protocols,
+            autoping=True,
+            max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        # The daemon refused the upgrade (404, 401, ...): pass its status on.
+        return web.json_response(
+            {"error": exc.message, "code": "UPSTREAM_REFUSED"}, status=exc.status
+        )
+    except (aiohttp.ClientError, OSError) as exc:
+        return web.json_response(
+            {"error": f"the sandbox's daemon is unreachable: {exc}", "code": "SANDBOX_UNREACHABLE"},
+            status=502,
+        )
+    client = web.WebSocketResponse(
+        protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0, autoping=True
+    )
+    await client.prepare(request)
+
+    async def pump(
+        src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, dst: object
+    ) -> None:
+        async for msg in src:
+            if msg.type == WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)  # type: ignore[attr-defined]
+            elif msg.type == WSMsgType.TEXT:
+                await dst.send_str(msg.data)  # type: ignore[attr-defined]
+            else:
+                break
+        # One side closed: close the other with the same code.
+        code = src.close_code or aiohttp.WSCloseCode.OK
+        with contextlib.suppress(Exception):
+            await dst.close(code=code)  # type: ignore[attr-defined]
+
+    async with upstream:
+        tasks = [
+            asyncio.ensure_future(pump(client, upstream)),
+            asyncio.ensure_future(pump(upstream, client)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, timeout=2)
+        finally:
+            for t in tasks:
+                t.cancel()
+    return client
+
+
+async def forward(request: web.Request, session: aiohttp.ClientSession) -> web.StreamResponse:
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await forward_ws(request, session)
+    return await forward_http(request, session)
