@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import free_port, skip_with_reason, wait_for
+from .conftest import free_port, skip_with_reason, stop_process, wait_for
 
 NS = "/v1/namespaces/default/sandboxes"
 
@@ -60,13 +60,7 @@ class Host:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_host(

@@ -211,14 +211,6 @@ class CgroupLayout:
     # --- queries ---
 
     @property
-    def has_memory(self) -> bool:
-        return self.memory_v1 is not None or "memory" in self.unified_controllers
-
-    @property
-    def has_pids(self) -> bool:
-        return self.pids_v1 is not None or "pids" in self.unified_controllers
-
-    @property
     def has_kill(self) -> bool:
         # cgroup.kill exists in every non-root v2 cgroup since Linux 5.14.
         return self.unified is not None and (self.unified / "cgroup.kill").exists()

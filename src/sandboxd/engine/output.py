@@ -370,10 +370,6 @@ def snapshot_lines(store: OutputStore, streams: tuple[int, ...], max_line: int) 
     return [Line(r.stream, r.timestamp_ms, t) for r in runs for t in r.texts]
 
 
-def count_lines(runs: Iterable[LineRun]) -> int:
-    return sum(len(r.texts) for r in runs)
-
-
 @dataclass(slots=True)
 class Batch:
     """What a follower sends in one write."""

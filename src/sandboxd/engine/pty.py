@@ -98,6 +98,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ._state import classify_exit
 from .output import Broadcast
 from .spawn import SpawnError, build_env, resolve_command, resolve_working_dir, trampoline
 
@@ -501,14 +502,18 @@ class PtySession:
         except ChildProcessError:
             # Someone reaped it behind our back; the status is lost.
             log.warning("pty %s: pid %d was reaped elsewhere", self.id, self.pid)
-            code, sig = 255, None
+            code, sig, oom = 255, None, False
         else:
             if info is None:
                 return  # spurious wakeup
-            if info.si_code == os.CLD_EXITED:
-                code, sig = info.si_status, None
-            else:
-                code, sig = 128 + info.si_status, info.si_status
+            # The same classification as every process (_state.py).
+            exit_info = classify_exit(
+                info.si_code,
+                info.si_status,
+                ended_at_ms=now_ms(),
+                oom_kills=self.cgroup.oom_kills() if self.cgroup is not None else 0,
+            )
+            code, sig, oom = exit_info.shell_code(), exit_info.signal, exit_info.oom_killed
         loop = asyncio.get_running_loop()
         loop.remove_reader(pidfd)
         os.close(pidfd)
@@ -518,8 +523,7 @@ class PtySession:
         self._reaped = True
         self.exit_code = code
         self.signal = sig
-        if sig == signal.SIGKILL and self.cgroup is not None and self.cgroup.oom_kills() > 0:
-            self.oom_killed = True
+        self.oom_killed = oom
         self.ended_at_ms = now_ms()
         if self.state is SessionState.RUNNING:
             self.state = SessionState.DRAINING

@@ -125,7 +125,6 @@ class ProcessTable:
         self.default_identity = (
             resolve_user(settings.default_user) if settings.default_user else None
         )
-        self.children_memory_cap: int | None = None
         # Bulk work gets a bounded share of each loop iteration (fairness.py).
         self.output_pool = OutputPool(settings.output_budget_bytes)
         self.ingest_budget = LoopBudget()
@@ -198,7 +197,7 @@ class ProcessTable:
             except OSError as exc:
                 log.info("cannot set the daemon's oom_score_adj to %s: %s", adj, exc)
         self.child_oom_score_adj = self.settings.child_oom_score_adj
-        self.children_memory_cap = self.cgroups.reserve_memory(self.settings.memory_reserve)
+        self.cgroups.reserve_memory(self.settings.memory_reserve)
         if self.settings.children_cpu_shares:
             self.cgroups.weigh_children_cpu(self.settings.children_cpu_shares)
 
@@ -339,9 +338,6 @@ class ProcessTable:
         if sup is not None and sup.current is not None and sup.current.handle in self._records:
             return sup.current
         raise ProcessNotFound(f"Process {selector} not found")
-
-    def by_handle(self, handle: int) -> Process | None:
-        return self._records.get(handle)
 
     def all(self) -> list[Process]:
         return list(self._records.values())
