@@ -126,7 +126,12 @@ def host(state_root: Path) -> Iterator[Host]:
 def _cgroup_dirs(sandbox_id: str) -> list[str]:
     found = []
     for base in Path("/sys/fs/cgroup").iterdir():
-        found += [str(p) for p in base.glob(f"**/sandboxd-host/{sandbox_id}")]
+        try:
+            found += [str(p) for p in base.glob(f"**/sandboxd-host/{sandbox_id}")]
+        except OSError as exc:
+            # A cgroup removed while the tree was being walked (the teardown
+            # racing this scan, or another tenant's): not known gone yet, look again.
+            return [f"scan interrupted: {exc}"]
     return found
 
 
