@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 9501
 
-.PHONY: run test lint venv clean bench host-deps
+.PHONY: run test lint venv clean bench host-deps image
 
 venv: $(VENV)/.installed
 
@@ -22,15 +22,28 @@ run: venv
 lint: venv
 	$(BIN)/ruff check .
 
-# `sandboxd host` needs bubblewrap. As root on Debian it is installed here; anywhere
-# else the sandbox tests skip with the reason printed.
+# `sandboxd host` needs these Debian packages. As root on Debian they are installed
+# here; anywhere else the sandbox tests skip with the reason printed.
+HOST_PKGS := bubblewrap nftables mmdebstrap zstd e2fsprogs iproute2
 host-deps:
-	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	  && { apt-get install -y -q bubblewrap >/dev/null 2>&1 \
-	       || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; }; } \
-	  || echo "bubblewrap is not installed: the sandbox tests (tests/test_host.py) will skip"
+	@missing=""; for t in bwrap:bubblewrap nft:nftables mmdebstrap:mmdebstrap zstd:zstd \
+	    mkfs.ext4:e2fsprogs ip:iproute2; do \
+	  command -v $${t%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null 2>&1 \
+	    || missing="$$missing $${t#*:}"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; }; } \
+	  || echo "could not install$$missing: the sandbox tests (tests/test_host*.py) will skip"
 
-test: venv host-deps
+# The default image for the self-hosted sandboxes' tests (about 30 s, once; kept in
+# build/). A failure (no mirror, not root) is printed and the host tests skip.
+IMAGES ?= build/images
+image: venv host-deps
+	@mkdir -p build; [ "$$(id -u)" = 0 ] && command -v mmdebstrap >/dev/null 2>&1 \
+	  && $(BIN)/sandboxd image --images $(IMAGES) build --if-missing 2>build/image-build.log \
+	  || echo "the default image was not built (see build/image-build.log): the sandbox tests will skip"
+
+test: venv host-deps image
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -22,7 +22,21 @@ from ctx import Ctx
 NS = "/v1/namespaces/default/sandboxes"
 # Medians of the public computesdk benchmark (docs: the issue's anchors), not measured here.
 ANCHORS = [("Daytona (computesdk, public)", 126.0), ("E2B (computesdk, public)", 461.0)]
-KEYS = ["host_create_warm", "host_create_cold", "host_create_20", "host_idle_mem"]
+KEYS = [
+    "host_create_warm",
+    "host_create_cold",
+    "host_create_20",
+    "host_idle_mem",
+    "host_pool_claim",
+    "host_density",
+]
+POOL_GOAL_MS = 30.0
+IMAGES = Path(__file__).resolve().parent.parent / "build" / "images"
+# Density: bounded in count, time and memory (this machine is shared).
+DENSITY_MAX = 200
+DENSITY_BATCH = 10
+DENSITY_BUDGET_S = 420.0
+DENSITY_MIN_FREE_MB = 4096
 GOAL_MS = 150.0
 GOAL_MEM_MB = 40.0
 
@@ -30,10 +44,15 @@ GOAL_MEM_MB = 40.0
 class Host:
     def __init__(self, warm: int) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="sbhb", dir="/tmp"))
+        self.state.chmod(0o711)  # the sandboxes' uid reaches its root through it
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         argv = [PYTHON, "-m", "sandboxd", "host", "--port", str(port), "--warm", str(warm)]
         argv += ["--state-dir", str(self.state / "s"), "--log-level", "warning"]
+        argv += ["--images", str(IMAGES)]
+        # Never the machine's own network namespace and firewall (veths, an nft
+        # table, ip_forward): sandboxes get loopback only, as before networking.
+        argv += ["--no-net"]
         # Not pinned like the other figures' servers: sandboxes use every core,
         # as they would in production (this process is pinned; undo it for the host).
         cpus = set(range(os.cpu_count() or 1))
@@ -90,7 +109,7 @@ def _row(key: str, figure: str, xs: list[float], note: str) -> Row:
 def _idle_mem_mb(sandbox_ids: list[str]) -> list[float]:
     out = []
     for sid in sandbox_ids:
-        for d in Path("/sys/fs/cgroup/memory").glob(f"**/sandboxd-host/{sid}"):
+        for d in Path("/sys/fs/cgroup/memory").glob(f"**/sandboxd-host*/{sid}"):
             stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
             out.append(int(stat["total_rss"]) / 1e6)
     return out
@@ -102,6 +121,8 @@ def measure(ctx: Ctx) -> list[Row]:
         why = "needs root"
     elif shutil.which("bwrap") is None:
         why = "bubblewrap is not installed"
+    elif not (IMAGES / "default" / "image.json").exists():
+        why = f"no default image in {IMAGES} (make image)"
     if why:
         return [not_measured(k, k, "", "", why) for k in KEYS]
     n = ctx.n(20, 5)
@@ -172,7 +193,134 @@ def measure(ctx: Ctx) -> list[Row]:
             s.terminate()
     finally:
         host.close()
+    rows.append(_pool_claim(ctx))
+    rows.append(_density(ctx))
     return rows
+
+
+def _pool_claim(ctx: Ctx) -> Row:
+    """``Sandbox.create(pool_id=…)`` until ``run("echo")`` returned, a warm one ready each time."""
+    import warnings
+
+    from tensorlake.sandbox import Sandbox, SandboxClient
+
+    host = Host(warm=0)
+    xs: list[float] = []
+    try:
+        with warnings.catch_warnings():  # pools are only on the deprecated SandboxClient
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client = SandboxClient(api_url=host.url, api_key=None)
+        pool = client.create_pool(image="python", cpus=1.0, memory_mb=256, warm_containers=1)
+
+        def idle() -> bool:
+            got = client.get_pool(pool.pool_id).containers or []
+            return any(c.state == "Idle" for c in got)
+
+        for _ in range(ctx.n(20, 5)):
+            deadline = time.monotonic() + 20
+            while not idle() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)  # as for host_create_warm: the refill's daemon settles
+            t0 = time.perf_counter()
+            sbx = Sandbox.create(pool_id=pool.pool_id, api_url=host.url, api_key=None)
+            sbx.run("echo", args=["x"])
+            xs.append((time.perf_counter() - t0) * 1000)
+            sbx.terminate()
+        client.delete_pool(pool.pool_id)
+    finally:
+        host.close()
+    p50 = median(xs)
+    return Row(
+        "host_pool_claim",
+        "self-hosted: pool claim → first command, a warm sandbox ready (sequential)",
+        "ms",
+        p50,
+        p99=percentile(xs, 99),
+        goal=f"p50 ≤ {POOL_GOAL_MS:.0f} ms",
+        met=p50 <= POOL_GOAL_MS,
+        samples=len(xs),
+        note="pool with warm_containers=1 (256 MiB); SDK in-process; refilled between samples",
+        detail={"runs_ms": xs},
+    )
+
+
+def _mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _density(ctx: Ctx) -> Row:
+    """Sandboxes started in batches until a bound; every one must still answer.
+
+    A batch is made with ``wait: false``, then each sandbox of the host (old
+    ones too) must answer ``/api/v1/health`` through the proxy. The count stops
+    at the first batch where one does not, at DENSITY_MAX, at the time budget,
+    or when the machine has less than DENSITY_MIN_FREE_MB available.
+    """
+    import httpx
+
+    limit = ctx.n(DENSITY_MAX, 20)
+    host = Host(warm=0)
+    ids: list[str] = []
+    stop = "the bound of this run"
+    t0 = time.monotonic()
+    free0 = _mem_available_mb()
+    answering = 0
+    try:
+        with httpx.Client(base_url=host.url, timeout=60) as c:
+            while len(ids) < limit:
+                if time.monotonic() - t0 > DENSITY_BUDGET_S:
+                    stop = f"the {DENSITY_BUDGET_S:.0f} s budget"
+                    break
+                if _mem_available_mb() < DENSITY_MIN_FREE_MB:
+                    stop = f"less than {DENSITY_MIN_FREE_MB} MB available"
+                    break
+                batch = []
+                for _ in range(min(DENSITY_BATCH, limit - len(ids))):
+                    body = {"wait": False, "resources": {"cpus": 0.5, "memory_mb": 128}}
+                    r = c.post(NS, json=body)
+                    batch.append(r.json()["sandbox_id"])
+                ids += batch
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    st = [c.get(f"{NS}/{sid}").json()["status"] for sid in batch]
+                    if all(x != "pending" for x in st):
+                        break
+                    time.sleep(0.5)
+                ok = 0
+                for sid in ids:
+                    try:
+                        h = c.get("/api/v1/health", headers={"Host": f"{sid}.local"}, timeout=10)
+                        ok += h.status_code == 200
+                    except httpx.HTTPError:
+                        pass
+                if ok < len(ids):
+                    stop = f"{len(ids) - ok} of {len(ids)} stopped answering"
+                    break
+                answering = ok
+            elapsed = time.monotonic() - t0
+            used = free0 - _mem_available_mb()
+            mem = _idle_mem_mb(ids[:answering])
+            for sid in ids:
+                c.delete(f"{NS}/{sid}")
+    finally:
+        host.close()
+    return Row(
+        "host_density",
+        "self-hosted: sandboxes held at once, every one answering health through the proxy",
+        "sandboxes",
+        float(answering),
+        samples=answering,
+        note=(
+            f"stopped by {stop}; started in {elapsed:.0f} s in batches of {DENSITY_BATCH} "
+            f"(128 MiB, 0.5 cpu each); machine memory used {used:.0f} MB "
+            f"({used / max(answering, 1):.1f} MB per sandbox); "
+            f"cgroup RSS p50 {median(mem) if mem else 0:.1f} MB"
+        ),
+        detail={"stop": stop, "elapsed_s": elapsed, "used_mb": used, "rss_mb": mem},
+    )
 
 
 def profile(ctx: Ctx, key: str) -> bool:

@@ -23,8 +23,7 @@ def _between_markers(text: str) -> str:
 def test_config_table_in_docs_is_generated_from_the_flags() -> None:
     expected = config_table()
     assert _between_markers(TOUR.read_text()) == expected, (
-        "README.md is out of date; put this between the config-table markers:\n"
-        + expected
+        "README.md is out of date; put this between the config-table markers:\n" + expected
     )
 
 

@@ -27,6 +27,10 @@ import pytest
 from .conftest import free_port, skip_with_reason, stop_process, wait_for
 
 NS = "/v1/namespaces/default/sandboxes"
+# Built by `make test` (`sandboxd image build --if-missing`), shared by every test host.
+IMAGES = Path(
+    os.environ.get("SANDBOXD_TEST_IMAGES", Path(__file__).resolve().parent.parent / "build/images")
+)
 
 
 def _unavailable() -> str | None:
@@ -43,6 +47,11 @@ def _unavailable() -> str | None:
     )
     if r.returncode != 0:
         return f"bwrap cannot make namespaces here: {r.stderr.decode(errors='replace').strip()}"
+    if not (IMAGES / "default" / "image.json").exists():
+        return (
+            f"no default image in {IMAGES}: build it with "
+            f"`.venv/bin/sandboxd image --images {IMAGES} build` (needs mmdebstrap)"
+        )
     return None
 
 
@@ -64,8 +73,13 @@ class Host:
 
 
 def start_host(
-    state: Path, port: int | None = None, warm: int = 1, token: str | None = None
+    state: Path,
+    port: int | None = None,
+    warm: int = 1,
+    token: str | None = None,
+    extra_args: list[str] | None = None,
 ) -> Host:
+    """``extra_args`` replace the default ``--no-net`` (e.g. ``--net-router NETNS``)."""
     port = port or free_port()
     log_path = state.with_name(state.name + ".log")
     with open(log_path, "ab") as log:
@@ -81,6 +95,11 @@ def start_host(
                 str(state),
                 "--warm",
                 str(warm),
+                "--images",
+                str(IMAGES),
+                # Never the machine's own network namespace or firewall: the
+                # network tests (test_host_network.py) bring their own router.
+                *(extra_args or ["--no-net"]),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -111,6 +130,8 @@ def state_root() -> Iterator[Path]:
         skip_with_reason(reason)
     # Short: a unix socket path must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="sbh", dir="/tmp"))
+    # The sandboxes' uid (100000+) goes through it to their root filesystems.
+    root.chmod(0o711)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -127,7 +148,7 @@ def _cgroup_dirs(sandbox_id: str) -> list[str]:
     found = []
     for base in Path("/sys/fs/cgroup").iterdir():
         try:
-            found += [str(p) for p in base.glob(f"**/sandboxd-host/{sandbox_id}")]
+            found += [str(p) for p in base.glob(f"**/sandboxd-host*/{sandbox_id}")]
         except OSError as exc:
             # A cgroup removed while the tree was being walked (the teardown
             # racing this scan, or another tenant's): not known gone yet, look again.
@@ -288,10 +309,25 @@ def test_isolation_between_sandboxes_and_from_the_host(host: Host, tmp_path: Pat
         assert code != 0
         code, _ = _run(host, a, f"ls {host.state}/sandboxes/{b}")
         assert code != 0
-        # Root inside cannot write the host's files.
-        code, out = _run(host, a, f"echo pwned > {canary} || echo pwned >> /etc/hostname")
+        # The host's files are not there at all: the root is the image.
+        code, out = _run(host, a, f"cat {canary}")
         assert code != 0, out
+        # The host's interpreter and sandboxd are bound in read-only.
+        code, out = _run(host, a, "touch /run/sandboxd-rt/py/pwned")
+        assert code != 0 and "Read-only" in out, out
+        # Root inside owns the image's files (the overlay copies them up into
+        # the sandbox's own layer); the shared image itself never changes.
+        image_hostname = (IMAGES / "default/rootfs/etc/hostname").read_bytes()
+        code, out = _run(host, a, "echo pwned >> /etc/hostname && echo made > /root/new-file")
+        assert code == 0, out
+        assert (IMAGES / "default/rootfs/etc/hostname").read_bytes() == image_hostname
+        # ...and on the host, root inside is uid 100000, not root.
+        made = host.state / "sandboxes" / a / "rw/upper/root/new-file"
+        assert made.stat().st_uid == 100000 and made.stat().st_gid == 100000
         assert canary.read_text() == "host"
+        # The uid map inside: 0..65535 onto 100000.., nothing of the host's.
+        code, out = _run(host, a, "cat /proc/self/uid_map")
+        assert out.split() == ["0", "100000", "65536"], out
     finally:
         with host.http() as c:
             c.delete(f"{NS}/{a}")

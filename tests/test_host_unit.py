@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from sandboxd.host import model
+from sandboxd.host.images import UID_OFFSET, ImageError, ImageStore, shift_owners
+from sandboxd.host.images import check_name as check_image_name
 from sandboxd.host.model import ApiError, Record, info, parse_create, parse_update
 from sandboxd.host.proxy import sandbox_id_of
-from sandboxd.host.runtime import Layout, bwrap_argv
+from sandboxd.host.runtime import DaemonRuntime, Layout, bwrap_argv
 from sandboxd.host.store import NameTaken, Store
+
+from .conftest import skip_with_reason
 
 
 def _code(body: object) -> str:
@@ -41,7 +47,7 @@ def test_the_sdk_default_create_body_is_accepted() -> None:
         ({"name": "sbx-mine"}, "INVALID_NAME"),
         ({"name": "has space"}, "INVALID_NAME"),
         ({"timeout_secs": -1}, "INVALID_TIMEOUT_SECS"),
-        ({"snapshot_id": "snap-1"}, "SNAPSHOTS_UNSUPPORTED"),
+        ({"snapshot_id": 7}, "INVALID_SNAPSHOT_ID"),
         ({"exposed_ports": [0]}, "INVALID_EXPOSED_PORTS"),
         ({"bogus": 1}, "UNKNOWN_FIELD"),
     ],
@@ -55,8 +61,9 @@ def test_update_accepts_name_and_ports_and_refuses_the_rest() -> None:
         "name": "x",
         "exposed_ports": [3, 80],
     }
+    # A resize is never mixed with other changes (resize.py applies it).
     with pytest.raises(ApiError):
-        parse_update({"resources": {"cpus": 2.0}})
+        parse_update({"resources": {"cpus": 2.0}, "name": "x"})
 
 
 def test_info_has_what_the_sdk_requires_and_only_known_statuses() -> None:
@@ -91,16 +98,89 @@ def test_store_survives_reopen_and_names_are_unique_among_live(tmp_path: Path) -
     s.close()
 
 
-def test_bwrap_argv_isolates_and_hides_the_state_dir(tmp_path: Path) -> None:
+def test_bwrap_argv_joins_the_mapped_user_namespace_and_roots_in_the_overlay() -> None:
     state = Path("/var/lib/sbx-test")
-    argv = bwrap_argv(Layout(state, "sbx-1"), "sbx-1", ["daemon"], ["/root/.pyenv/x"])
-    for flag in ("--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts"):
+    layout = Layout(state, "sbx-1")
+    rt = DaemonRuntime(
+        "tag", {"py": "/root/.pyenv/versions/3.11.7", "p0": "/venv/site"}, "bin/python3.11"
+    )
+    argv = bwrap_argv(
+        layout, "sbx-1", rt.argv(), userns="/proc/self/fd/5", ro_binds=rt.binds(), netns=None
+    )
+    # nsenter becomes root of the prepared user namespace; bwrap makes the rest.
+    assert argv[:3] == ["nsenter", "--user=/proc/self/fd/5", "--"]
+    assert "--unshare-user" not in argv
+    for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net"):
         assert flag in argv
-    assert argv[argv.index("--ro-bind") + 1 : argv.index("--ro-bind") + 3] == ["/", "/"]
-    assert ["--tmpfs", str(state)] == argv[argv.index(str(state)) - 1 : argv.index(str(state)) + 1]
-    assert argv[-2:] == ["--", "daemon"]
-    # The interpreter is bound back after /root is replaced, so it wins.
-    assert argv.index("/root/.pyenv/x") > argv.index("/root")
+    i = argv.index("--bind")
+    assert argv[i + 1 : i + 3] == [str(layout.root), "/"]
+    # Nothing of the host's root: only /sys read-only, the runtime binds, the socket dir.
+    ro = [argv[j + 1] for j, a in enumerate(argv) if a == "--ro-bind"]
+    assert ro == ["/sys", "/run/tag/rt/py", "/run/tag/rt/p0"]
+    assert ["--bind", str(layout.run_dir), "/run/sandboxd"] == argv[
+        argv.index(str(layout.run_dir)) - 1 : argv.index(str(layout.run_dir)) + 2
+    ]
+    # The daemon runs through the loader with the bound interpreter's libraries,
+    # isolated (-I) from PYTHON* variables; no LD_LIBRARY_PATH is set for it.
+    inner = argv[argv.index("--", 3) + 1 :]
+    assert (
+        inner[:4]
+        == [
+            "/lib64/ld-linux-x86-64.so.2",
+            "--library-path",
+            "/run/sandboxd-rt/py/lib",
+            "/run/sandboxd-rt/py/bin/python3.11",
+        ]
+        or platform.machine() != "x86_64"
+    )
+    assert "-I" in inner and "LD_LIBRARY_PATH" not in argv and "PYTHONPATH" not in argv
+    # With a prepared network namespace, nsenter joins it and bwrap makes none.
+    argv = bwrap_argv(layout, "sbx-1", ["d"], userns="/u", netns="/run/netns/x")
+    assert argv[:4] == ["nsenter", "--user=/u", "--net=/run/netns/x", "--"]
+    assert "--unshare-net" not in argv
+
+
+def test_image_store_shifts_owners_and_keeps_setuid_bits(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        skip_with_reason("chown to another uid needs root")
+    src = tmp_path / "tree"
+    (src / "usr/bin").mkdir(parents=True)
+    (src / "etc").mkdir()
+    (src / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    tool = src / "usr/bin/tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o4755)
+    os.chown(src / "etc", 1000, 1000)
+    (src / "usr/bin/link").symlink_to("tool")
+    store = ImageStore(tmp_path / "images")
+    img = store.import_tree("mine", src)
+    assert store.names() == ["mine"] and store.get("mine") == img
+    assert img.rootfs.is_absolute() and img.uid_offset == UID_OFFSET
+    st = (img.rootfs / "usr/bin/tool").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (UID_OFFSET, UID_OFFSET, 0o4755)
+    assert (img.rootfs / "etc").stat().st_uid == UID_OFFSET + 1000
+    assert os.lstat(img.rootfs / "usr/bin/link").st_uid == UID_OFFSET
+    # Shifting twice changes nothing.
+    assert shift_owners(img.rootfs, UID_OFFSET) == 0
+    # The store's dir is traversable by the sandboxes' uid but not listable.
+    assert (tmp_path / "images").stat().st_mode & 0o777 == 0o711
+    assert store.remove("mine") and store.get("mine") is None and not store.remove("mine")
+
+
+def test_image_names_and_unknown_images_are_refused(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    for bad_name in ("", "UP", "../x", "a/b", "-x", "x" * 64):
+        with pytest.raises(ImageError):
+            check_image_name(bad_name)
+        assert store.get(bad_name) is None
+    with pytest.raises(ImageError, match="root filesystem"):
+        store.import_tree("empty", tmp_path)
+    assert parse_create({"image": "python"}).image == "default"
+    assert parse_create({"image": "tensorlake/ubuntu-minimal"}).image == "default"
+    assert parse_create({"image": "node20"}).image == "node20"  # the store decides
+    with pytest.raises(ApiError) as exc:
+        parse_create({"image": "docker.io/library/python:3.12"})
+    assert exc.value.code == "UNKNOWN_IMAGE"
 
 
 @pytest.mark.parametrize(
@@ -118,3 +198,94 @@ def test_the_proxy_finds_the_sandbox_by_host_or_header(
     headers: dict[str, str], expected: str | None
 ) -> None:
     assert sandbox_id_of(make_mocked_request("GET", "/api/v1/health", headers=headers)) == expected
+
+
+def test_the_seccomp_filter_denies_its_list_and_nothing_else() -> None:
+    import subprocess
+    import sys
+
+    from sandboxd.host import seccomp
+
+    if not seccomp.supported():
+        skip_with_reason(f"the seccomp table is x86_64 only; this is {platform.machine()}")
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        skip_with_reason("bubblewrap is not installed")
+    prog = seccomp.program()
+    assert len(prog) % 8 == 0 and len(prog) // 8 == 6 + len(seccomp.DENIED_X86_64) + 2
+    probe = (
+        "import ctypes, os, errno\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def call(nr):\n"
+        "    ctypes.set_errno(0); rc = libc.syscall(nr, 0, 0, 0, 0, 0)\n"
+        "    return rc, ctypes.get_errno()\n"
+        "print(call(250), call(321), call(425), call(39)[0] == os.getpid())\n"
+    )
+    fd = seccomp.memfd()
+    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    argv += ["--seccomp", str(fd), sys.executable, "-c", probe]
+    try:
+        r = subprocess.run(
+            argv,
+            pass_fds=(fd,),
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        os.close(fd)
+    assert r.returncode == 0, r.stderr
+    # keyctl, bpf and io_uring_setup: EPERM; getpid still works.
+    assert r.stdout.decode().split("\n")[0] == "(-1, 1) (-1, 1) (-1, 1) True"
+
+
+def test_the_proxy_keeps_the_hosts_token_out_of_the_sandbox(tmp_path: Path) -> None:
+    """A real upstream on a unix socket (standing in for a sandbox's daemon) echoes its headers."""
+    import asyncio
+    import json
+
+    from aiohttp import web
+
+    from sandboxd.host.proxy import Sessions, forward
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.json_response({k.lower(): v for k, v in request.headers.items()})
+
+    async def main() -> dict[str, str]:
+        sock = str(tmp_path / "d.sock")
+        upstream = web.Application()
+        upstream.router.add_route("*", "/{tail:.*}", echo)
+        up_runner = web.AppRunner(upstream)
+        await up_runner.setup()
+        await web.UnixSite(up_runner, sock).start()
+        sessions = Sessions(lambda sid: sock)
+
+        async def front(request: web.Request) -> web.StreamResponse:
+            return await forward(request, sessions.get("sbx-1"))
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", front)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        import aiohttp
+
+        try:
+            async with (
+                aiohttp.ClientSession() as c,
+                c.get(
+                    f"http://127.0.0.1:{port}/api/v1/health",
+                    headers={"Authorization": "Bearer host-secret", "X-Trace": "t1"},
+                ) as r,
+            ):
+                return json.loads(await r.read())
+        finally:
+            await sessions.close()
+            await runner.cleanup()
+            await up_runner.cleanup()
+
+    seen = asyncio.run(main())
+    assert seen.get("x-trace") == "t1"  # other headers pass
+    assert "authorization" not in seen

@@ -89,7 +89,18 @@ def reference_lines(data: bytes, max_line: int) -> list[str]:
 @pytest.mark.parametrize("seed", range(40))
 def test_fast_splitter_matches_the_reference(seed: int) -> None:
     rng = random.Random(seed)
-    alphabet = [b"a", b"b", b"\n", b"\r", b"\r\n", "é".encode(), "€".encode(), b"\xff", b"\xe2\x82", b" "]
+    alphabet = [
+        b"a",
+        b"b",
+        b"\n",
+        b"\r",
+        b"\r\n",
+        "é".encode(),
+        "€".encode(),
+        b"\xff",
+        b"\xe2\x82",
+        b" ",
+    ]
     data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3000)))
     max_line = rng.choice([7, 64, 1 << 20])
     splitter = LineSplitter((STDOUT,), max_line=max_line)

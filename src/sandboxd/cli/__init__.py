@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from .. import __version__
-from . import files, host, procs, run, serve, system, terminal
+from . import files, host, image, procs, run, serve, system, terminal
 from .client import Client, Target
 from .common import EXIT_INTERRUPTED, CliError, target_parser
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     serve.add_parser(sub)
     host.add_parser(sub)
+    image.add_parser(sub)
     parent = target_parser()
     for module in (system, procs, run, terminal, files):
         module.register(sub, parent)
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.cmd in ("serve", "host"):
+    if ns.cmd in ("serve", "host", "image"):
         return int(ns.run(ns))
     return dispatch(ns)
 

@@ -9,10 +9,14 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ..config import env
+
+if TYPE_CHECKING:
+    from ..host.network import Config as NetConfig
 
 log = logging.getLogger("sandboxd.host")
 
@@ -49,6 +53,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help=f"records and per-sandbox dirs [SANDBOXD_HOST_STATE_DIR] (default {DEFAULT_STATE_DIR})",
     )
     p.add_argument(
+        "--images",
+        type=Path,
+        default=env("SANDBOXD_HOST_IMAGES"),
+        metavar="DIR",
+        help="the image store [SANDBOXD_HOST_IMAGES] (default STATE_DIR/images); "
+        "fill it with `sandboxd image build`",
+    )
+    p.add_argument(
         "--token",
         default=env("SANDBOXD_HOST_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' (the SDK's TENSORLAKE_API_KEY) on every "
@@ -63,6 +75,28 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         "[SANDBOXD_HOST_WARM] (default 1; 0 for none)",
     )
     p.add_argument(
+        "--net-router",
+        default=env("SANDBOXD_HOST_NET_ROUTER"),
+        metavar="NETNS",
+        help="the network namespace (a name under /run/netns) that routes the sandboxes' "
+        "traffic and holds their nft table [SANDBOXD_HOST_NET_ROUTER] "
+        "(default: the host's own)",
+    )
+    p.add_argument(
+        "--net-subnet",
+        default=env("SANDBOXD_HOST_NET_SUBNET", "10.88.0.0/16"),
+        metavar="CIDR",
+        help="the sandboxes' addresses, one /32 each [SANDBOXD_HOST_NET_SUBNET] "
+        "(default 10.88.0.0/16)",
+    )
+    p.add_argument(
+        "--no-net",
+        action="store_true",
+        default=env("SANDBOXD_HOST_NO_NET", "0") not in ("0", "false", "no"),
+        help="give sandboxes loopback only: no veth, no nft table, the router namespace "
+        "untouched [SANDBOXD_HOST_NO_NET=1]",
+    )
+    p.add_argument(
         "--log-level",
         default=env("SANDBOXD_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
@@ -73,7 +107,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
 
 
 async def serve(
-    host: str, port: int, state_dir: Path, warm: int = 1, token: str | None = None
+    host: str,
+    port: int,
+    state_dir: Path,
+    warm: int = 1,
+    token: str | None = None,
+    images: Path | None = None,
+    net: NetConfig | None = None,
 ) -> None:
     from ..host.app import create_app
     from ..host.manager import Manager
@@ -82,7 +122,8 @@ async def serve(
     problem = bwrap_available()
     if problem is not None:
         raise SystemExit(f"sandboxd host: {problem}")
-    app = create_app(Manager(state_dir, warm=max(0, warm)), token=token or None)
+    manager = Manager(state_dir, warm=max(0, warm), images_dir=images, net=net)
+    app = create_app(manager, token=token or None)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -110,6 +151,16 @@ def run(ns: argparse.Namespace) -> int:
     # anyway) nor printed in logs.
     os.environ.pop("SANDBOXD_HOST_TOKEN", None)
     setup_logging(ns.log_level, "text", secrets=[token])
+    from ..host.network import Config as NetConfig
+
+    try:
+        net = None if ns.no_net else NetConfig(router=ns.net_router or None, subnet=ns.net_subnet)
+    except ValueError as exc:
+        raise SystemExit(f"sandboxd host: {exc}") from exc
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(ns.host, int(ns.port), ns.state_dir, int(ns.warm), token))
+        asyncio.run(
+            serve(
+                ns.host, int(ns.port), ns.state_dir, int(ns.warm), token, images=ns.images, net=net
+            )
+        )
     return 0

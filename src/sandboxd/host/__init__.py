@@ -14,5 +14,13 @@ per-sandbox cgroups. Modules, one concern each:
 * :mod:`.manager` — the lifecycle: create (with warm spares), suspend/resume,
   terminate, timeouts, recovery;
 * :mod:`.proxy` — ``/api/v1/*`` to the right sandbox, streams unbuffered;
-* :mod:`.app` — the routes.
+* :mod:`.network` — per-sandbox netns, routed veth and nft egress policy;
+* :mod:`.ingress` — exposed ports: ``Host: <port>-<id>.…`` into the sandbox's netns;
+* :mod:`.app` — the routes;
+* :mod:`.catalog` — snapshot and pool records (SQLite, ``catalog.db``);
+* :mod:`.snapshots` — filesystem snapshots (frozen tar of the rw layer) and restores;
+* :mod:`.resize` — live ``PATCH resources``: cgroup limits and online disk growth;
+* :mod:`.pools` — warm pools and claims (the manager's spares, one shape per pool);
+* :mod:`.warmpath` — a claimed sandbox's first command without a cgroup-lock wait;
+* :mod:`.lifecycle` — the snapshot and pool routes.
 """

@@ -19,16 +19,18 @@ from typing import Any
 
 from aiohttp import web
 
-from . import proxy
+from . import ingress, proxy, resize
 from .manager import Manager
 from .model import (
     FAILED,
     PENDING,
     RUNNING,
+    SNAPSHOTTING,
     SUSPENDED,
     ApiError,
     check_namespace,
     info,
+    ingress_endpoint,
     parse_create,
 )
 from .model import parse_update as parse_patch
@@ -67,8 +69,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """Every route, lifecycle and proxy, wants ``Authorization: Bearer <token>``.
 
-    The SDK sends ``TENSORLAKE_API_KEY`` that way to both. The header is passed
-    on to the sandbox's daemon, which has no token of its own and ignores it.
+    The SDK sends ``TENSORLAKE_API_KEY`` that way to both. The proxy does not
+    pass the header on: the sandbox's daemon has no token of its own, and code
+    in the sandbox must not read the host's off its daemon's traffic.
     """
     expected = f"Bearer {token}".encode()
 
@@ -129,11 +132,20 @@ def _wait_budget(request: web.Request) -> float:
 async def create(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     ns = check_namespace(request.match_info["ns"])
-    spec = parse_create(await _json(request))
+    # A restore inherits the snapshot's image and resources (404 for an unknown one).
+    spec = parse_create(m.snapshots.inherit(ns, await _json(request)))
+    await m.check_network(spec.network)  # 400 for a name that does not resolve
     rec = m.begin_create(ns, spec)
     task = m.start_in_background(rec)
     if not spec.wait:
         return web.json_response({"sandbox_id": rec.id, "status": PENDING}, status=202)
+    return await answer_started(request, m, rec, task)
+
+
+async def answer_started(
+    request: web.Request, m: Manager, rec: Any, task: asyncio.Task[None]
+) -> web.StreamResponse:
+    """A blocking create's answer (a pool claim's too): once it runs, or the budget is spent."""
     # shield: a client that gives up does not cancel the start.
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(task), _wait_budget(request))
@@ -143,6 +155,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         body["name"] = cur.name
     if cur.status == RUNNING:
         body["sandbox_url"] = sandbox_url(request)
+        body["ingress_endpoint"] = ingress_endpoint(body["sandbox_url"])
     if cur.status == FAILED:
         # 200 with status "failed": the SDK raises SandboxError with this reason;
         # a 5xx would not tell it more and is what the issue forbids.
@@ -174,21 +187,65 @@ async def delete(request: web.Request) -> web.StreamResponse:
 async def patch(request: web.Request) -> web.StreamResponse:
     m, rec = _find(request)
     changes = parse_patch(await _json(request))
+    if "resources" in changes:  # a live resize (resize.py); never mixed with other keys
+        done = await resize.resize(m, rec, changes["resources"])
+        return web.json_response(info(done, sandbox_url(request)))
+    if "network" in changes:  # applied first: an unresolvable name changes nothing
+        rec = await m.set_network(rec, changes.pop("network"))
     return web.json_response(info(m.update(rec, changes), sandbox_url(request)))
 
 
+MAX_WAIT_MS = 30_000  # what the SDK sends at most (and Tensorlake's cap)
+
+
+def wait_ms(request: web.Request) -> float:
+    """``?wait_ms=``: how long a suspend/resume may wait to answer 200, in seconds."""
+    raw = request.query.get("wait_ms")
+    if raw is None:
+        return MAX_WAIT_MS / 1000
+    try:
+        ms = int(raw)
+    except ValueError:
+        ms = -1
+    if ms < 0:
+        raise ApiError(400, "INVALID_WAIT_MS", "wait_ms must be a whole number of milliseconds")
+    return min(ms, MAX_WAIT_MS) / 1000
+
+
+async def settle(
+    request: web.Request, m: Manager, op: Callable[[], Awaitable[Any]]
+) -> web.StreamResponse:
+    """200 once the target state is reached within ``wait_ms``, else 202 and the SDK polls.
+
+    Freezing or thawing takes about a millisecond, so this is 200 unless
+    ``wait_ms`` is 0 or a process is stuck in the kernel (the freeze then
+    completes in the background, and the status follows).
+    """
+    budget = wait_ms(request)
+    task = asyncio.ensure_future(op())
+    m._tasks.add(task)
+    task.add_done_callback(m._tasks.discard)
+    done, _ = await asyncio.wait({task}, timeout=budget)
+    if task in done:
+        task.result()  # an ApiError (409, 400) is the answer
+        return web.Response(status=200)
+
+    def report(t: asyncio.Task[Any]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.warning("%s after its 202: %s", request.path, t.exception())
+
+    task.add_done_callback(report)
+    return web.Response(status=202)
+
+
 async def suspend(request: web.Request) -> web.StreamResponse:
-    # Freezing takes about a millisecond: always settled, so 200 (the SDK then
-    # does not poll), whatever wait_ms says.
     m, rec = _find(request)
-    await m.suspend(rec.id)
-    return web.Response(status=200)
+    return await settle(request, m, lambda: m.suspend(rec.id))
 
 
 async def resume(request: web.Request) -> web.StreamResponse:
     m, rec = _find(request)
-    await m.resume(rec.id)
-    return web.Response(status=200)
+    return await settle(request, m, lambda: m.resume(rec.id))
 
 
 async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
@@ -201,6 +258,9 @@ async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
             "name the sandbox with 'Host: <id>.local' or 'X-Tensorlake-Sandbox-Id: <id>'",
         )
     rec = m.store.by_id(sid)
+    if rec is not None and rec.status == SNAPSHOTTING:
+        await m.snapshots.settled(sid)  # frozen while archived: wait for the thaw
+        rec = m.store.by_id(sid)
     if rec is not None and rec.status == SUSPENDED:
         if not rec.auto_resume:
             raise ApiError(409, "SANDBOX_SUSPENDED", f"sandbox {sid} is suspended")
@@ -212,6 +272,8 @@ async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
 
 def create_app(manager: Manager, token: str | None = None) -> web.Application:
     middlewares = [auth(token), errors] if token else [errors]
+    # Exposed ports (Host: <port>-<id>.…) come first: they check the token themselves.
+    middlewares.insert(0, ingress.middleware(manager, token))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[MANAGER] = manager
     app.router.add_post(PREFIX, create)
@@ -222,10 +284,14 @@ def create_app(manager: Manager, token: str | None = None) -> web.Application:
     app.router.add_post(PREFIX + "/{id}/suspend", suspend)
     app.router.add_post(PREFIX + "/{id}/resume", resume)
     app.router.add_route("*", "/api/v1/{tail:.*}", sandbox_proxy)
+    from .lifecycle import add_routes  # snapshots and pools (imports this module)
+
+    add_routes(app)
 
     async def lifespan(app: web.Application):  # type: ignore[no-untyped-def]
         await manager.recover()
         log.info("cgroups: %s", manager.cgroups.describe())
+        log.info("network: %s", manager.net.describe())
         if not manager.disks:
             log.warning("mkfs.ext4 not found: disk_mb is not enforced (apt-get install e2fsprogs)")
         yield

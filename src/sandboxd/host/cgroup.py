@@ -4,7 +4,7 @@ Layouts (see ``engine/cgroups.py`` for how they are found): on a hybrid host
 (this project's machines) the limits live in the v1 memory, cpu and pids
 hierarchies and the controller-less v2 tree at ``/sys/fs/cgroup/unified`` gives
 ``cgroup.kill``; on a v2-only host everything is in one directory. Every
-sandbox gets ``sandboxd-host/<id>`` in each hierarchy. The launcher joins them
+sandbox gets ``sandboxd-host-<tag>/<id>`` in each hierarchy. The launcher joins them
 before it execs bubblewrap (:meth:`SandboxCgroup.join`), so every process of the
 sandbox, its daemon included, is counted and killed with it.
 """
@@ -12,6 +12,7 @@ sandbox, its daemon included, is counted and killed with it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,19 @@ from pathlib import Path
 from ..engine.cgroups import _find_mounts, _kill_dir, _own_dir, _own_paths, _read, _write
 
 PARENT = "sandboxd-host"
+
+
+def host_tag(state_dir: Path) -> str:
+    """A name for one host's things on the machine: cgroups, netns, nft tables.
+
+    Derived from the state dir, so two hosts on one machine (tests run several)
+    never take each other's sandboxes for crash leftovers, and a restarted host
+    finds its own again.
+    """
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{PARENT}-{digest}"
+
+
 CPU_PERIOD_US = 100_000
 
 
@@ -35,19 +49,20 @@ class Hierarchies:
     v2_mount: Path | None = None
 
     @classmethod
-    def detect(cls) -> Hierarchies:
+    def detect(cls, parent: str = PARENT) -> Hierarchies:
+        """``parent``: this host's dir in each hierarchy (see :func:`host_tag`)."""
         mounts = _find_mounts()
         v1_paths, v2_path = _own_paths()
         h = cls()
         for ctrl, mnt in mounts.v1.items():
             own = _own_dir(mnt, v1_paths.get(ctrl, "/"))
             if own is not None and os.access(own, os.W_OK):
-                h.v1[ctrl] = own / PARENT
+                h.v1[ctrl] = own / parent
                 h.v1_mounts[ctrl] = mnt
         if mounts.v2 is not None:
             own = _own_dir(mounts.v2, v2_path or "/")
             if own is not None and os.access(own, os.W_OK):
-                h.v2 = own / PARENT
+                h.v2 = own / parent
                 h.v2_mount = mounts.v2
                 with contextlib.suppress(OSError):
                     ctrls = set(_read(own / "cgroup.controllers").split())
@@ -149,6 +164,18 @@ class SandboxCgroup:
         cap_children()
         self.set_limits(memory_mb + reserve_mb, cpus, pids)
         cap_children()
+
+    def delegate(self, uid: int) -> None:
+        """Let the sandbox's root (host ``uid``) make and fill child cgroups.
+
+        Only the dir and its membership files change owner: the limit files
+        stay root's, so the sandbox cannot raise its own limits.
+        """
+        for d in self.all_dirs():
+            os.chown(d, uid, uid)
+            for name in ("cgroup.procs", "tasks", "cgroup.threads", "cgroup.subtree_control"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(d / name, uid, uid)
 
     def binds(self) -> list[tuple[str, str]]:
         """(host dir, path inside): the sandbox's cgroups where its daemon looks for cgroupfs.

@@ -18,15 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from . import disk, runtime
-from .cgroup import Hierarchies
+from . import disk, network, runtime, warmpath
+from .catalog import Catalog
+from .cgroup import Hierarchies, host_tag
+from .images import ImageStore
 from .model import (
     DEFAULT_CPUS,
     DEFAULT_DISK_MB,
+    DEFAULT_IMAGE,
     DEFAULT_MEMORY_MB,
     FAILED,
     PENDING,
@@ -38,7 +44,9 @@ from .model import (
     Record,
     new_id,
 )
+from .pools import Pools
 from .proxy import Sessions
+from .snapshots import Snapshots
 from .store import NameTaken, Store
 
 log = logging.getLogger("sandboxd.host")
@@ -47,12 +55,25 @@ STARTUP_TIMEOUT_S = 30.0
 DEFAULT_WARM = 1
 
 
+def check_traversable(path: Path) -> None:
+    """The sandboxes' uid must be able to pass through every dir above the state dir."""
+    for d in path.resolve().parents:
+        if not os.stat(d).st_mode & 0o001:
+            raise SystemExit(
+                f"sandboxd host: {d} is not searchable by others (mode "
+                f"{os.stat(d).st_mode & 0o777:o}); the sandboxes' users reach their "
+                "root filesystems through it. Use another --state-dir or chmod o+x it."
+            )
+
+
 class Manager:
     def __init__(
         self,
         state_dir: Path,
         startup_timeout_s: float = STARTUP_TIMEOUT_S,
         warm: int = DEFAULT_WARM,
+        images_dir: Path | None = None,
+        net: network.Config | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.startup_timeout_s = startup_timeout_s
@@ -65,8 +86,17 @@ class Manager:
         self._claimed: set[str] = set()
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "sandboxes").mkdir(exist_ok=True)
+        # The sandboxes' uid reaches its root and socket through these: traverse, not list.
+        for d in (state_dir, state_dir / "sandboxes"):
+            os.chmod(d, 0o711)
+        check_traversable(state_dir)
+        self.images = ImageStore(images_dir or state_dir / "images")
         self.store = Store(state_dir / "sandboxes.db")
-        self.cgroups = Hierarchies.detect()
+        self.tag = host_tag(state_dir)
+        self.cgroups = Hierarchies.detect(self.tag)
+        self.daemon = runtime.DaemonRuntime.detect(self.tag)
+        # Per-sandbox netns, veth and nft policy (network.py); None: loopback only.
+        self.net = network.Network(self.tag, net)
         # disk_mb needs mkfs.ext4 (e2fsprogs); without it the dirs are plain.
         self.disks = shutil.which(disk.MKFS) is not None
         self.sessions = Sessions(lambda sid: str(self.layout(sid).socket))
@@ -74,6 +104,10 @@ class Manager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self.last_startup_s: float | None = None
+        # Snapshots and pools: their records in catalog.db, their logic in their modules.
+        self.catalog = Catalog(state_dir / "catalog.db")
+        self.snapshots = Snapshots(self, self.catalog)
+        self.pools = Pools(self, self.catalog)
 
     def layout(self, sandbox_id: str) -> runtime.Layout:
         return runtime.Layout(self.state_dir, sandbox_id)
@@ -81,6 +115,10 @@ class Manager:
     # -- start-up and shutdown ------------------------------------------------
 
     async def recover(self) -> None:
+        await asyncio.to_thread(self.daemon.mount)
+        # A snapshot cut short: fail its record, thaw its sandbox (status running again).
+        self.snapshots.recover()
+        await self.net.start()  # finds this host's veths, so a lost sandbox's go too
         live = [r for r in self.store.all() if r.live]
         for rec in live:
             if rec.status == SUSPENDED:
@@ -105,6 +143,8 @@ class Manager:
             for d in (self.state_dir / "sandboxes").iterdir():
                 if d.name not in keep:
                     runtime.remove_dir(self.layout(d.name))
+        # Netns and veths of no live sandbox go; the nft table is rebuilt from the records.
+        await self.net.sweep({r.id: r.network for r in self.store.all() if r.live})
         self.fill_spares()
 
     async def close(self) -> None:
@@ -117,10 +157,12 @@ class Manager:
         # Let a spare being made tear itself down (below) before we go.
         await asyncio.gather(*tasks, return_exceptions=True)
         spares, self._spares = self._spares, []
-        for sid in spares:
+        for sid in spares + self.pools.drain():
             await self._teardown(sid)
+        await self.net.close()
         await self.sessions.close()
         self.store.close()
+        self.catalog.close()
 
     # -- create ---------------------------------------------------------------
 
@@ -129,8 +171,22 @@ class Manager:
         rec = Record.new(namespace, spec, time.time())
         if spec.name is not None and self.store.name_taken(namespace, spec.name):
             raise NameTaken(spec.name)
-        # Spares have the default disk; a filesystem does not shrink or grow on claim.
-        if self._spares and spec.disk_mb == DEFAULT_DISK_MB:
+        if self.images.get(spec.image) is None:
+            have = ", ".join(self.images.names()) or "none built"
+            raise ApiError(
+                400,
+                "UNKNOWN_IMAGE",
+                f"no image {spec.image!r} on this host (it has: {have}); "
+                "build one with `sandboxd image build`",
+            )
+        # Spares have the default image and disk; a filesystem does not change on claim.
+        # A restore never takes one: a spare's filesystem is already live.
+        if (
+            self._spares
+            and spec.disk_mb == DEFAULT_DISK_MB
+            and spec.image == DEFAULT_IMAGE
+            and spec.snapshot_id is None
+        ):
             rec.id = self._spares.pop(0)
             self._claimed.add(rec.id)
         self.store.put(rec)
@@ -141,6 +197,9 @@ class Manager:
     def fill_spares(self) -> None:
         if not self.cgroups.usable:
             return  # without cgroups a spare's limits could not be set on claim
+        self.pools.fill()  # pools' warm sandboxes: spares too, one shape per pool
+        if self.images.get(DEFAULT_IMAGE) is None:
+            return  # nothing to start a spare from
         while len(self._spares) + self._filling < self.warm:
             self._filling += 1
             task = asyncio.ensure_future(self._make_spare())
@@ -148,9 +207,24 @@ class Manager:
             task.add_done_callback(self._tasks.discard)
 
     async def _make_spare(self) -> None:
+        try:
+            sid = await self.launch_spare(DEFAULT_MEMORY_MB, DEFAULT_CPUS, DEFAULT_DISK_MB)
+        finally:
+            self._filling -= 1
+        if sid is not None:
+            self._spares.append(sid)
+
+    async def launch_spare(
+        self, memory_mb: int, cpus: float, disk_mb: int, image: str = DEFAULT_IMAGE
+    ) -> str | None:
+        """Start a sandbox nobody has yet (a spare, a pool's warm one); None if it failed.
+
+        It is in no record: a create (or a pool claim) gives it one, and
+        ``_claim`` its limits.
+        """
         sid = new_id()
         try:
-            await self._launch(sid, DEFAULT_MEMORY_MB, DEFAULT_CPUS, DEFAULT_DISK_MB)
+            await self._launch(sid, memory_mb, cpus, disk_mb, image)
         except asyncio.CancelledError:
             await self._teardown(sid)  # the host is stopping: leave no spare behind
             raise
@@ -158,17 +232,38 @@ class Manager:
             # Not retried here (a broken host would spin); the next create tries again.
             log.warning("spare sandbox %s failed to start: %s", sid, exc)
             await self._teardown(sid)
-            return
-        finally:
-            self._filling -= 1
-        self._spares.append(sid)
+            return None
+        return sid
 
-    async def _launch(self, sid: str, memory_mb: int, cpus: float, disk_mb: int) -> None:
+    async def _launch(
+        self,
+        sid: str,
+        memory_mb: int,
+        cpus: float,
+        disk_mb: int,
+        image: str = DEFAULT_IMAGE,
+        seed: Callable[[Path], None] | None = None,
+        policy: dict[str, Any] | None = None,
+    ) -> None:
         layout = self.layout(sid)
+        img = self.images.get(image)
+        if img is None:
+            raise runtime.LaunchError(f"image {image!r} is not in the image store")
         cgroup = self.cgroups.sandbox(sid) if self.cgroups.usable else None
         if cgroup is not None:
             cgroup.create(memory_mb + runtime.DAEMON_RESERVE_MB, cpus, runtime.PIDS_LIMIT)
-        proc = await runtime.launch(layout, cgroup, sid, disk_mb if self.disks else None)
+        # Its netns, veth and nft chain with ``policy`` (None: the default, as for a spare).
+        netns = await self.net.setup(sid, policy)
+        proc = await runtime.launch(
+            layout,
+            cgroup,
+            sid,
+            img,
+            self.daemon,
+            disk_mb if self.disks else None,
+            netns=netns,
+            seed=seed,
+        )
         self._procs[sid] = proc
         # Reap bwrap whenever it ends, so no zombie outlives the sandbox.
         reaper = asyncio.ensure_future(proc.wait())
@@ -184,6 +279,10 @@ class Manager:
         self.cgroups.sandbox(rec.id).resize(
             rec.memory_mb, runtime.DAEMON_RESERVE_MB, rec.cpus, runtime.PIDS_LIMIT
         )
+        if rec.network is not None:  # a spare runs the default policy until now
+            await self.net.apply(rec.id, rec.network)
+        if rec.pool_id is not None:
+            warmpath.prime()  # its first command's cgroup join will not wait a grace period
         return True
 
     def start_in_background(self, rec: Record) -> asyncio.Task[None]:
@@ -200,7 +299,17 @@ class Manager:
             claimed = rec.id in self._claimed and await self._claim(rec)
             self._claimed.discard(rec.id)
             if not claimed:
-                await self._launch(rec.id, rec.memory_mb, rec.cpus, rec.disk_mb)
+                # A restore: the snapshot fills the rw dir before anything runs.
+                seed = self.snapshots.seed(rec.snapshot_id) if rec.snapshot_id else None
+                await self._launch(
+                    rec.id,
+                    rec.memory_mb,
+                    rec.cpus,
+                    rec.disk_mb,
+                    rec.image,
+                    seed=seed,
+                    policy=(self.store.by_id(rec.id) or rec).network,
+                )
         except (runtime.LaunchError, OSError) as exc:
             log.warning("sandbox %s failed to start: %s", rec.id, exc)
             await self._teardown(rec.id)
@@ -226,6 +335,8 @@ class Manager:
         # Status first: the name is free and reads say terminated at once.
         self._finish(sandbox_id, TERMINATED, reason)
         await self._teardown(sandbox_id)
+        if rec.pool_id is not None:
+            self.fill_spares()  # its pool may keep more warm now
 
     async def _teardown(self, sandbox_id: str) -> None:
         timer = self._timers.pop(sandbox_id, None)
@@ -241,7 +352,11 @@ class Manager:
                 proc.kill()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
-        await asyncio.to_thread(runtime.remove_dir, self.layout(sandbox_id))
+        # Its netns, veth and nft chain (network.py, ~30 ms) alongside its files.
+        await asyncio.gather(
+            self.net.teardown(sandbox_id),
+            asyncio.to_thread(runtime.remove_dir, self.layout(sandbox_id)),
+        )
 
     def _finish(self, sandbox_id: str, status: str, reason: str, error: str | None = None) -> None:
         cur = self.store.snapshot(sandbox_id)
@@ -335,3 +450,41 @@ class Manager:
             setattr(cur, key, value)
         self.store.put(cur)
         return cur
+
+    # -- network (network.py) ---------------------------------------------------
+
+    async def check_network(self, policy: dict[str, Any] | None) -> None:
+        """Create: 400 ``UNRESOLVABLE_DESTINATION`` before anything is made."""
+        try:
+            await network.resolve(policy, strict=True)
+        except network.PolicyError as exc:
+            raise ApiError(400, exc.code, str(exc)) from exc
+
+    async def set_network(self, rec: Record, policy: dict[str, Any] | None) -> Record:
+        """PATCH ``network`` (None: back to the default): in force before the reply.
+
+        One nft transaction swaps the policy atomically; if it fails (a name
+        that does not resolve: 400) the previous policy stays.
+        """
+        if not rec.live:
+            raise ApiError(409, "SANDBOX_TERMINATED", f"sandbox {rec.id} is {rec.status}")
+        try:
+            await self.net.apply(rec.id, policy, strict=True)
+        except network.PolicyError as exc:
+            raise ApiError(400, exc.code, str(exc)) from exc
+        except OSError as exc:
+            msg = f"the policy was not changed: {exc}"
+            raise ApiError(500, "NETWORK_UPDATE_FAILED", msg) from exc
+        cur = self.store.snapshot(rec.id)
+        assert cur is not None
+        cur.network = policy
+        self.store.put(cur)
+        return cur
+
+    def netns_path(self, sandbox_id: str) -> str | None:
+        """The sandbox's network namespace (exposed ports are reached from inside it)."""
+        path = self.net.netns_path(sandbox_id)
+        if path is None and self.cgroups.usable:
+            # A loopback-only sandbox: its own netns, found through its processes.
+            path = network.netns_of_pids(self.cgroups.sandbox(sandbox_id).pids())
+        return path

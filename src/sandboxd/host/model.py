@@ -14,17 +14,20 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from .network import PolicyError, normalize_policy
+
 # Exactly the SDK's SandboxStatus enum; any other string fails its validation.
 PENDING = "pending"
 RUNNING = "running"
 SUSPENDED = "suspended"
 TERMINATED = "terminated"
 FAILED = "failed"
+SNAPSHOTTING = "snapshotting"  # while its filesystem is archived (snapshots.py), frozen
 STATUSES = frozenset(
     {
         PENDING,
         RUNNING,
-        "snapshotting",
+        SNAPSHOTTING,
         "suspending",
         SUSPENDED,
         TERMINATED,
@@ -34,11 +37,11 @@ STATUSES = frozenset(
 )
 # Live: holds its name, is listed, can be deleted. A suspended sandbox is frozen
 # (cgroup freezer), its memory and processes intact.
-LIVE = frozenset({PENDING, RUNNING, SUSPENDED})
+LIVE = frozenset({PENDING, RUNNING, SUSPENDED, SNAPSHOTTING})
 
-# Image names that map to the "default" image: the host's root filesystem,
-# read-only. The SDK's managed base names are accepted so scripts written for
-# Tensorlake run unchanged; anything else is an unknown image (400).
+# Image names that map to the store's "default" image (images.py). The SDK's
+# managed base names are accepted so scripts written for Tensorlake run
+# unchanged; any other name must be an image of the store (else 400).
 DEFAULT_IMAGE = "default"
 IMAGE_ALIASES = frozenset(
     {
@@ -48,6 +51,20 @@ IMAGE_ALIASES = frozenset(
         "tensorlake/debian-minimal",
     }
 )
+
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+def canonical_image(image: Any) -> str:
+    """The store's name for a requested image; whether it exists is the store's to say."""
+    if not isinstance(image, str):
+        raise bad("UNKNOWN_IMAGE", "image must be a string")
+    if image in IMAGE_ALIASES:
+        return DEFAULT_IMAGE
+    if not _IMAGE.match(image):
+        raise bad("UNKNOWN_IMAGE", f"unknown image {image!r}: not a name this host can have")
+    return image
+
 
 DEFAULT_CPUS = 1.0
 DEFAULT_MEMORY_MB = 1024
@@ -124,6 +141,7 @@ class CreateSpec:
     allow_unauthenticated_access: bool = False
     network: dict[str, Any] | None = None
     auto_resume: bool = True
+    snapshot_id: str | None = None  # a restore: the rw dir comes from this snapshot
 
 
 def _int(value: Any, key: str, lo: int, hi: int) -> int:
@@ -159,20 +177,13 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         raise bad("UNKNOWN_FIELD", f"unknown field(s): {', '.join(unknown)}")
     # Features this host does not have are refused, never silently ignored.
     for key, code in (
-        ("snapshot_id", "SNAPSHOTS_UNSUPPORTED"),
         ("file_systems", "FILE_SYSTEMS_UNSUPPORTED"),
         ("template_id", "TEMPLATES_UNSUPPORTED"),
         ("secret_names", "SECRETS_UNSUPPORTED"),
     ):
         if body.get(key):
             raise bad(code, f"{key} is not supported by this self-hosted sandboxd")
-    image = body.get("image") or DEFAULT_IMAGE
-    if not isinstance(image, str) or image not in IMAGE_ALIASES:
-        raise ApiError(
-            400,
-            "UNKNOWN_IMAGE",
-            f"unknown image {image!r}; this host has: {', '.join(sorted(IMAGE_ALIASES))}",
-        )
+    image = canonical_image(body.get("image") or DEFAULT_IMAGE)
     res = body.get("resources") or {}
     if not isinstance(res, dict):
         raise bad("INVALID_RESOURCES", "resources must be an object")
@@ -201,17 +212,20 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         raise bad("INVALID_ENTRYPOINT", "entrypoint must be a list of strings")
     if entry:
         raise bad("ENTRYPOINT_UNSUPPORTED", "entrypoint is not supported yet")
-    network = body.get("network")
-    if network is not None and not isinstance(network, dict):
-        raise bad("INVALID_NETWORK", "network must be an object")
+    network = check_network(body.get("network"))
     auto_resume = body.get("auto_resume", True)
     if not isinstance(auto_resume, bool):
         raise bad("INVALID_AUTO_RESUME", "auto_resume must be a boolean")
     auth = body.get("allow_unauthenticated_access", False)
     if not isinstance(auth, bool):
         raise bad("INVALID_ALLOW_UNAUTHENTICATED_ACCESS", "must be a boolean")
+    # A restore: the snapshot's image and resources were filled in before this
+    # (snapshots.Snapshots.inherit, which also answers 404 for an unknown one).
+    snapshot_id = body.get("snapshot_id")
+    if snapshot_id is not None and (not isinstance(snapshot_id, str) or not snapshot_id):
+        raise bad("INVALID_SNAPSHOT_ID", "snapshot_id must be a snapshot's id")
     return CreateSpec(
-        image=DEFAULT_IMAGE,
+        image=image,
         cpus=float(cpus_raw),
         memory_mb=memory_mb,
         disk_mb=disk_mb,
@@ -222,6 +236,7 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         allow_unauthenticated_access=auth,
         network=network,
         auto_resume=auto_resume,
+        snapshot_id=snapshot_id,
     )
 
 
@@ -246,6 +261,10 @@ class Record:
     termination_reason: str | None = None
     error: str | None = None
     auto_resume: bool = True  # a request through the proxy resumes a suspended sandbox
+    snapshot_id: str | None = None  # restored from this snapshot
+    pool_id: str | None = None  # claimed from this pool (pools.py)
+    # The latest live resize (resize.py): {generation, requested, status, error_message?}.
+    resource_resize: dict[str, Any] | None = None
 
     @classmethod
     def new(cls, namespace: str, spec: CreateSpec, now: float) -> Record:
@@ -264,6 +283,7 @@ class Record:
             allow_unauthenticated_access=spec.allow_unauthenticated_access,
             network=spec.network,
             auto_resume=spec.auto_resume,
+            snapshot_id=spec.snapshot_id,
         )
 
     @property
@@ -272,6 +292,25 @@ class Record:
 
     def deadline(self) -> float | None:
         return self.created_at + self.timeout_secs if self.timeout_secs > 0 else None
+
+
+def check_network(value: Any) -> dict[str, Any] | None:
+    """``network`` (create, PATCH) → its stored form; None stays None (the default policy)."""
+    if value is None:
+        return None
+    try:
+        return normalize_policy(value)
+    except PolicyError as exc:
+        raise bad(exc.code, str(exc)) from exc
+
+
+def ingress_endpoint(sandbox_url: str) -> str:
+    """Where exposed ports are (``ingress.py``): the proxy, named ``localhost``.
+
+    The SDK's ``url_for_port(p)`` makes ``http://<p>-<id>.localhost:<port>``
+    of it, which curl and browsers resolve to loopback.
+    """
+    return sandbox_url.replace("://127.0.0.1", "://localhost", 1)
 
 
 def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
@@ -294,10 +333,15 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
         out["name"] = rec.name
     if rec.network is not None:
         out["network_policy"] = rec.network
+    if rec.pool_id is not None:
+        out["pool_id"] = rec.pool_id
+    if rec.resource_resize is not None:
+        out["resource_resize"] = rec.resource_resize
     # Suspended too: the SDK's connect/get_or_create need it, and a request
-    # through the proxy resumes the sandbox.
-    if rec.status in (RUNNING, SUSPENDED):
+    # through the proxy resumes the sandbox (or waits out a snapshot).
+    if rec.status in (RUNNING, SUSPENDED, SNAPSHOTTING):
         out["sandbox_url"] = sandbox_url
+        out["ingress_endpoint"] = ingress_endpoint(sandbox_url)
     if rec.terminated_at is not None:
         out["terminated_at"] = rec.terminated_at
     if rec.termination_reason is not None:
@@ -308,7 +352,7 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
 
 
 def parse_update(body: Any) -> dict[str, Any]:
-    """A PATCH body → the changes to apply (not yet: resources, network)."""
+    """A PATCH body → the changes to apply."""
     if not isinstance(body, dict) or not body:
         raise bad("INVALID_BODY", "the body must be a non-empty JSON object")
     changes: dict[str, Any] = {}
@@ -325,8 +369,40 @@ def parse_update(body: Any) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise bad("INVALID_AUTO_RESUME", "auto_resume must be a boolean")
             changes[key] = value
-        elif key in ("resources", "network"):
-            raise bad("UPDATE_UNSUPPORTED", f"changing {key} is not supported yet")
+        elif key == "resources":
+            if len(body) > 1:
+                raise bad("INVALID_UPDATE", "resources cannot be combined with other changes")
+            changes[key] = parse_resize(value)
+        elif key == "network":
+            # An object replaces the policy, null clears it (back to the default).
+            changes[key] = check_network(value)
         else:
             raise bad("UNKNOWN_FIELD", f"unknown field {key!r}")
     return changes
+
+
+def parse_resize(value: Any, host_cpus: int | None = None) -> dict[str, Any]:
+    """PATCH ``resources``: the targets given (cpus, memory_mb, disk_mb); resize.py applies them."""
+    if not isinstance(value, dict) or not value:
+        raise bad(
+            "INVALID_RESOURCES", "resources must be an object with cpus, memory_mb or disk_mb"
+        )
+    if value.get("gpus"):
+        raise bad("GPUS_UNSUPPORTED", "this host has no GPUs")
+    unknown = sorted(set(value) - {"cpus", "memory_mb", "disk_mb", "gpus"})
+    if unknown:
+        raise bad("UNKNOWN_FIELD", f"unknown resources field(s): {', '.join(unknown)}")
+    out: dict[str, Any] = {}
+    if value.get("cpus") is not None:
+        cpus = value["cpus"]
+        max_cpus = host_cpus or os.cpu_count() or 1
+        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 < cpus <= max_cpus:
+            raise bad("INVALID_CPUS", f"resources.cpus must be > 0 and at most {max_cpus}")
+        out["cpus"] = float(cpus)
+    if value.get("memory_mb") is not None:
+        out["memory_mb"] = _int(value["memory_mb"], "memory_mb", MIN_MEMORY_MB, 1 << 22)
+    if value.get("disk_mb") is not None:
+        out["disk_mb"] = _int(value["disk_mb"], "disk_mb", 16, 1 << 20)
+    if not out:
+        raise bad("INVALID_RESOURCES", "resources must set cpus, memory_mb or disk_mb")
+    return out

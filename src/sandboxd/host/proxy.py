@@ -55,6 +55,11 @@ def sandbox_id_of(request: web.Request) -> str | None:
     return None
 
 
+# The host's token stays with the host: the sandbox's daemon has no token of its
+# own, and code in the sandbox could read its daemon's requests.
+NOT_TO_SANDBOX = frozenset({"authorization"})
+
+
 def _forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     items: list[tuple[str, str]] = list(headers.items())  # type: ignore[attr-defined]
     return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in drop]
@@ -89,14 +94,16 @@ class Sessions:
             await self.drop(sid)
 
 
-async def forward_http(request: web.Request, session: aiohttp.ClientSession) -> web.StreamResponse:
-    url = "http://sandbox" + request.rel_url.raw_path_qs
+async def forward_http(
+    request: web.Request, session: aiohttp.ClientSession, host: str = "sandbox"
+) -> web.StreamResponse:
+    url = f"http://{host}" + request.rel_url.raw_path_qs
     body = request.content if request.body_exists else None
     try:
         upstream = await session.request(
             request.method,
             url,
-            headers=_forward_headers(request.headers),
+            headers=_forward_headers(request.headers, NOT_TO_SANDBOX),
             data=body,
             allow_redirects=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
@@ -121,14 +128,18 @@ async def forward_http(request: web.Request, session: aiohttp.ClientSession) -> 
         return resp
 
 
-async def forward_ws(request: web.Request, session: aiohttp.ClientSession) -> web.StreamResponse:
-    url = "http://sandbox" + request.rel_url.raw_path_qs
+async def forward_ws(
+    request: web.Request, session: aiohttp.ClientSession, host: str = "sandbox"
+) -> web.StreamResponse:
+    url = f"http://{host}" + request.rel_url.raw_path_qs
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     protocols = [p for p in protocols if p]
     try:
         upstream = await session.ws_connect(
             url,
-            headers=_forward_headers(request.headers, WS_HANDSHAKE | {"sec-websocket-protocol"}),
+            headers=_forward_headers(
+                request.headers, NOT_TO_SANDBOX | WS_HANDSHAKE | {"sec-websocket-protocol"}
+            ),
             protocols=protocols,
             autoping=True,
             max_msg_size=0,
@@ -177,7 +188,10 @@ async def forward_ws(request: web.Request, session: aiohttp.ClientSession) -> we
     return client
 
 
-async def forward(request: web.Request, session: aiohttp.ClientSession) -> web.StreamResponse:
+async def forward(
+    request: web.Request, session: aiohttp.ClientSession, host: str = "sandbox"
+) -> web.StreamResponse:
+    """``host``: the Host the upstream sees (the connector decides where it goes)."""
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await forward_ws(request, session)
-    return await forward_http(request, session)
+        return await forward_ws(request, session, host)
+    return await forward_http(request, session, host)

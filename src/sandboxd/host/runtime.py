@@ -1,12 +1,28 @@
 """Start a sandbox: bubblewrap around its own ``sandboxd serve`` on a unix socket.
 
-The "default" image is the host's root filesystem bound read-only, with a
-per-sandbox writable directory for each of /tmp, /root and /home and a private
-/run, /dev/shm and /proc. The host state dir is hidden behind an empty tmpfs,
-so no sandbox sees another's files. Namespaces: user, pid, mount, ipc, uts,
-cgroup and net (loopback only: nothing on the host is reachable, and there is
-no outbound network yet). The daemon is the host's interpreter and installed
-package, reached through the read-only root (the project's venv included).
+What a sandbox is, from the inside out:
+
+- **Root filesystem**: an overlay whose lower dir is an image of the store
+  (``images.py``, shared read-only by every sandbox) and whose upper dir is the
+  sandbox's own writable layer, ``<sandbox dir>/rw/upper``. ``rw`` is the
+  mount point of the sandbox's ``disk_mb`` ext4 (``disk.py``), so the layer is
+  what ``disk_mb`` limits and what a snapshot archives.
+- **Users**: a user namespace that maps the sandbox's 0..65535 onto host
+  ``UID_OFFSET``..+65535. The image's files are owned by that range, so root
+  inside owns them (through the overlay it changes copies, never the image),
+  and holds no right over anything the host owns. The namespace is made by the
+  host, which writes the full map (``bwrap --unshare-user`` run by root could
+  only map 0 to 0), and joined with ``nsenter`` before bwrap runs.
+- **Namespaces**: pid, mount, ipc, uts (hostname = the sandbox id), cgroup, and
+  net: a prepared one (``network.py``: veth and policy) or a new one with
+  loopback only.
+- **System calls**: a seccomp deny list (``seccomp.py``) for every process.
+- **The daemon** is the host's interpreter and installed package, bound
+  read-only under ``/run/sandboxd-rt`` (:class:`DaemonRuntime`), started
+  through the image's dynamic loader with the host interpreter's own library
+  dir, so images need not contain sandboxd, nor even Python, only a
+  compatible glibc. Nothing of this leaks into the environment of the
+  processes it starts.
 
 The host talks to the daemon over ``<sandbox dir>/run/d.sock``, which the
 sandbox sees as ``/run/sandboxd/d.sock``: no TCP port per sandbox.
@@ -16,21 +32,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import platform
 import shutil
+import subprocess
 import sys
+import sysconfig
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from . import cgroup as cg
-from . import disk
+from . import disk, seccomp
+from .images import UID_COUNT, Image
 
 SOCKET_NAME = "d.sock"
 INNER_RUN = "/run/sandboxd"
-WRITABLE = ("tmp", "root", "home")
+INNER_RT = "/run/sandboxd-rt"
 PIDS_LIMIT = 1024
 # The sandbox's daemon keeps this much for itself (its --memory-reserve), on top
 # of memory_mb: processes get exactly memory_mb, and an OOM kills one of them,
@@ -39,8 +61,11 @@ DAEMON_RESERVE_MB = 64
 # sockaddr_un.sun_path is 108 bytes with its NUL.
 MAX_SOCKET_PATH = 107
 LOG_TAIL = 2000
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 BWRAP = "bwrap"
+# The dynamic loader at the same path in the host and in a glibc image.
+LOADERS = {"x86_64": "/lib64/ld-linux-x86-64.so.2", "aarch64": "/lib/ld-linux-aarch64.so.1"}
 
 
 class LaunchError(Exception):
@@ -49,10 +74,13 @@ class LaunchError(Exception):
 
 def bwrap_available() -> str | None:
     """None if sandboxes can be made here, else the reason they cannot."""
-    if shutil.which(BWRAP) is None:
-        return "bubblewrap (bwrap) is not installed: apt-get install -y bubblewrap"
+    for tool, pkg in ((BWRAP, "bubblewrap"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed: apt-get install -y {pkg}"
     if os.geteuid() != 0:
-        return "sandboxd host must run as root (cgroups and namespaces)"
+        return "sandboxd host must run as root (cgroups, namespaces, mounts)"
+    if platform.machine() not in LOADERS:
+        return f"no known dynamic loader path for {platform.machine()}"
     return None
 
 
@@ -81,79 +109,144 @@ class Layout:
 
     @property
     def rw(self) -> Path:
-        """The writable dirs' parent: the mount point of the disk_mb filesystem."""
+        """The sandbox's writable state: the mount point of its disk_mb filesystem."""
         return self.dir / "rw"
+
+    @property
+    def upper(self) -> Path:
+        return self.rw / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.rw / "work"
+
+    @property
+    def root(self) -> Path:
+        """The overlay: what the sandbox sees as /."""
+        return self.dir / "root"
 
     @property
     def disk_image(self) -> Path:
         return self.dir / "disk.img"
 
 
-def daemon_argv(python: str = sys.executable, cgroups: bool = True) -> list[str]:
-    argv = [
-        python,
-        "-m",
-        "sandboxd",
-        "serve",
-        "--unix",
-        f"{INNER_RUN}/{SOCKET_NAME}",
-        "--memory-reserve",
-        f"{DAEMON_RESERVE_MB}M",
-        "--log-level",
-        "warning",
-    ]
-    # Without the sandbox's cgroups bound in, cgroupfs is read-only inside.
-    return argv if cgroups else [*argv, "--no-cgroups"]
+# -- the daemon, from the host into every sandbox ------------------------------
 
 
-HIDDEN = ("/tmp", "/run", "/root", "/home")
+@dataclass(slots=True)
+class DaemonRuntime:
+    """The host's interpreter and sandboxd, bound read-only into every sandbox.
 
-
-def _under(path: str, roots: tuple[str, ...]) -> bool:
-    return any(path == r or path.startswith(r + "/") for r in roots)
-
-
-def daemon_paths() -> list[str]:
-    """What the daemon needs from the host that the sandbox's own dirs would hide.
-
-    The interpreter (e.g. pyenv under /root), the venv and the sandboxd
-    package are bound back read-only at their host paths.
+    The host's paths may sit where the sandbox's uid cannot go (pyenv under a
+    0700 /root), so each is bound once, read-only, under ``/run/<tag>/rt/<n>``
+    by the host (as root), and from there into each sandbox.
     """
-    import sandboxd
 
-    wanted = {
-        os.path.realpath(sys.base_prefix),
-        os.path.realpath(sys.prefix),
-        os.path.realpath(os.path.dirname(os.path.dirname(sandboxd.__file__))),
-    }
-    return sorted(p for p in wanted if _under(p, HIDDEN))
+    tag: str
+    sources: dict[str, str] = field(default_factory=dict)  # name -> host path
+    python: str = ""  # the interpreter, relative to the "py" source
+    machine: str = field(default_factory=platform.machine)
+
+    @classmethod
+    def detect(cls, tag: str) -> DaemonRuntime:
+        import sandboxd
+
+        base = os.path.realpath(sys.base_prefix)
+        exe = os.path.realpath(sys.executable)
+        if not exe.startswith(base + "/"):
+            exe = os.path.join(base, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+        sources = {"py": base}
+        paths = sysconfig.get_paths()
+        extra = [
+            os.path.realpath(paths["purelib"]),
+            os.path.realpath(paths["platlib"]),
+            os.path.realpath(os.path.dirname(os.path.dirname(sandboxd.__file__))),
+        ]
+        for p in extra:
+            if p != base and not p.startswith(base + "/") and p not in sources.values():
+                sources[f"p{len(sources) - 1}"] = p
+        return cls(tag=tag, sources=sources, python=os.path.relpath(exe, base))
+
+    @property
+    def host_dir(self) -> Path:
+        return Path("/run") / self.tag / "rt"
+
+    def mount(self) -> None:
+        """Make the read-only binds under /run/<tag>/rt (idempotent: kept across restarts)."""
+        for name, src in self.sources.items():
+            dst = self.host_dir / name
+            dst.mkdir(parents=True, exist_ok=True)
+            if os.path.ismount(dst):
+                continue
+            _run(["mount", "--bind", src, str(dst)])
+            _run(["mount", "-o", "remount,bind,ro", str(dst)])
+        os.chmod(self.host_dir.parent, 0o755)
+
+    def binds(self) -> list[tuple[str, str]]:
+        return [(str(self.host_dir / n), f"{INNER_RT}/{n}") for n in self.sources]
+
+    def argv(self, cgroups: bool = True) -> list[str]:
+        site = [f"{INNER_RT}/{n}" for n in self.sources if n != "py"]
+        # -I: no PYTHON* variables, no user site, no cwd on sys.path.
+        boot = (
+            f"import sys; sys.path[:0] = {site!r}; "
+            "from sandboxd.cli import main; raise SystemExit(main())"
+        )
+        argv = [
+            LOADERS[self.machine],
+            # The host interpreter's RUNPATH (its libpython) is a host path:
+            # give the loader the bound copy; no LD_LIBRARY_PATH to leak.
+            "--library-path",
+            f"{INNER_RT}/py/lib",
+            f"{INNER_RT}/py/{self.python}",
+            "-I",
+            "-c",
+            boot,
+            "serve",
+            "--unix",
+            f"{INNER_RUN}/{SOCKET_NAME}",
+            "--memory-reserve",
+            f"{DAEMON_RESERVE_MB}M",
+            "--log-level",
+            "warning",
+        ]
+        # Without the sandbox's cgroups bound in, cgroupfs is read-only inside.
+        return argv if cgroups else [*argv, "--no-cgroups"]
 
 
 def bwrap_argv(
     layout: Layout,
     hostname: str,
     inner: list[str],
-    ro_paths: list[str] | None = None,
+    *,
+    userns: str,
+    ro_binds: list[tuple[str, str]] | None = None,
     cgroup_binds: list[tuple[str, str]] | None = None,
+    netns: str | None = None,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
-    """The bubblewrap command line for one sandbox (pure: tested without running it)."""
-    argv = [
+    """The command line for one sandbox (pure: tested without running it).
+
+    ``nsenter`` joins the prepared user namespace (and the prepared network
+    namespace, if any) and becomes root in it; bwrap, unprivileged outside,
+    makes the other namespaces and the mount tree from the overlay.
+    """
+    argv = ["nsenter", f"--user={userns}"]
+    if netns:
+        argv.append(f"--net={netns}")
+    argv += [
+        "--",
         BWRAP,
-        "--unshare-user",
-        "--uid",
-        "0",
-        "--gid",
-        "0",
         "--unshare-pid",
         "--unshare-ipc",
         "--unshare-uts",
-        "--unshare-net",
+        *([] if netns else ["--unshare-net"]),
         "--unshare-cgroup-try",
         "--hostname",
         hostname,
         "--new-session",
-        "--ro-bind",
-        "/",
+        "--bind",
+        str(layout.root),
         "/",
         "--proc",
         "/proc",
@@ -163,25 +256,28 @@ def bwrap_argv(
         "/dev/shm",
         "--tmpfs",
         "/run",
+        "--ro-bind",
+        "/sys",
+        "/sys",
+        "--bind",
+        str(layout.run_dir),
+        INNER_RUN,
     ]
-    state = str(layout.state_dir.resolve())
-    if not _under(state, HIDDEN):
-        # Other sandboxes' dirs and the database live here.
-        argv += ["--tmpfs", state]
-    argv += ["--bind", str(layout.run_dir), INNER_RUN]
-    for name in WRITABLE:
-        argv += ["--bind", str(layout.rw / name), f"/{name}"]
-    for path in ro_paths or []:
-        argv += ["--ro-bind", path, path]
+    for src, dst in ro_binds or []:
+        argv += ["--ro-bind", src, dst]
     for src, dst in cgroup_binds or []:
         argv += ["--bind", src, dst]
+    if seccomp_fd is not None:
+        # Loaded by bwrap right before it execs the daemon: every process of
+        # the sandbox is filtered, bwrap's own setup is not.
+        argv += ["--seccomp", str(seccomp_fd)]
     argv += [
         "--chdir",
         "/root",
         "--clearenv",
         "--setenv",
         "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        PATH,
         "--setenv",
         "HOME",
         "/root",
@@ -197,46 +293,166 @@ def bwrap_argv(
     return argv
 
 
-def prepare(layout: Layout, disk_mb: int | None) -> None:
-    """Make the sandbox's dirs; on a disk_mb-sized ext4 when ``disk_mb`` is given."""
+# -- making and removing a sandbox's files -------------------------------------
+
+
+def make_dirs(layout: Layout, disk_mb: int | None, uid: int) -> None:
+    """The sandbox's dir, its disk (when ``disk_mb``), the layer dirs and the socket dir."""
     if len(str(layout.socket)) > MAX_SOCKET_PATH:
         raise LaunchError(
             f"socket path {layout.socket} is longer than {MAX_SOCKET_PATH} bytes; "
             "use a shorter --state-dir"
         )
-    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    layout.dir.mkdir(parents=True, exist_ok=True)
+    # The sandbox's uid goes through here (to its root and socket); nobody lists it.
+    os.chmod(layout.dir, 0o711)
+    layout.run_dir.mkdir(exist_ok=True)
+    os.chown(layout.run_dir, uid, uid)
     layout.rw.mkdir(exist_ok=True)
+    layout.root.mkdir(exist_ok=True)
     if disk_mb is not None:
         disk.create(layout.disk_image, layout.rw, disk_mb)
-    for name in WRITABLE:
-        (layout.rw / name).mkdir(mode=0o755, exist_ok=True)
-    os.chmod(layout.rw / "tmp", 0o1777)
+    for d in (layout.upper, layout.work):
+        d.mkdir(mode=0o755, exist_ok=True)
+        os.chown(d, uid, uid)
+
+
+def mount_root(layout: Layout, image: Image) -> None:
+    opts = f"lowerdir={image.rootfs},upperdir={layout.upper},workdir={layout.work}"
+    _mount("overlay", str(layout.root), "overlay", 0, opts)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise LaunchError(f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def _run(argv: list[str]) -> None:
+    r = subprocess.run(argv, capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise LaunchError(f"{' '.join(argv)}: {r.stderr.decode(errors='replace').strip()}")
+
+
+def _umount(path: Path) -> None:
+    while os.path.ismount(path):
+        r = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+        if r.returncode != 0:
+            # Still busy (a dying process): detach it; the kernel frees it when idle.
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+            return
+
+
+def remove_dir(layout: Layout) -> None:
+    # Unmount first, the overlay before the disk under it: rmtree must not walk
+    # into a mounted tree, and the loop device is only freed by the unmount.
+    _umount(layout.root)
+    disk.remove(layout.rw)
+    shutil.rmtree(layout.dir, ignore_errors=True)
+
+
+# -- the user namespace ----------------------------------------------------------
+
+
+async def make_userns(uid_offset: int) -> int:
+    """A user namespace mapping 0..65535 to ``uid_offset``..; returns an fd to it.
+
+    A short-lived ``unshare --user`` process makes it, the host writes the
+    maps (root may map any range; no /etc/subuid), and the fd keeps it alive
+    after that process is gone, until nsenter has joined it.
+    """
+    holder = await asyncio.create_subprocess_exec(
+        "unshare",
+        "--user",
+        "--",
+        "sleep",
+        "30",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        mine = os.readlink("/proc/self/ns/user")
+        path = f"/proc/{holder.pid}/ns/user"
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(OSError):
+                if os.readlink(path) != mine:
+                    break
+            if holder.returncode is not None or time.monotonic() > deadline:
+                raise LaunchError("could not make a user namespace (unshare --user)")
+            await asyncio.sleep(0.001)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/{holder.pid}/{name}", "w") as f:
+                    f.write(f"0 {uid_offset} {UID_COUNT}\n")
+        except OSError as exc:
+            os.close(fd)
+            raise LaunchError(f"could not map the sandbox's users: {exc}") from exc
+        return fd
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            holder.kill()
+        await holder.wait()
 
 
 async def launch(
-    layout: Layout, cgroup: cg.SandboxCgroup | None, hostname: str, disk_mb: int | None = None
+    layout: Layout,
+    cgroup: cg.SandboxCgroup | None,
+    hostname: str,
+    image: Image,
+    daemon: DaemonRuntime,
+    disk_mb: int | None = None,
+    *,
+    netns: str | None = None,
+    seed: Callable[[Path], None] | None = None,
 ) -> asyncio.subprocess.Process:
-    await asyncio.to_thread(prepare, layout, disk_mb)
+    """Start the sandbox; returns the launcher's process (the daemon may not answer yet).
+
+    ``netns``: a network namespace path (``/run/netns/<name>``) to run the
+    sandbox in; None = a new one with loopback only. ``seed``: called with the
+    sandbox's writable dir (``layout.rw``) after it is made and before the
+    overlay is mounted on it (a snapshot restore fills it).
+    """
+    uid = image.uid_offset
+    await asyncio.to_thread(make_dirs, layout, disk_mb, uid)
+    if seed is not None:
+        await asyncio.to_thread(seed, layout.rw)
+    await asyncio.to_thread(mount_root, layout, image)
+    if cgroup is not None:
+        await asyncio.to_thread(cgroup.delegate, uid)
     procs = cgroup.procs_files() if cgroup is not None else []
+    userns = await make_userns(uid)
+    filter_fd = seccomp.memfd() if seccomp.supported() else None
+    fds = (userns,) if filter_fd is None else (userns, filter_fd)
     log = open(layout.log, "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
         return await asyncio.create_subprocess_exec(
             *bwrap_argv(
                 layout,
                 hostname,
-                daemon_argv(cgroups=cgroup is not None),
-                daemon_paths(),
-                cgroup.binds() if cgroup is not None else None,
+                daemon.argv(cgroups=cgroup is not None),
+                userns=f"/proc/self/fd/{userns}",
+                ro_binds=daemon.binds(),
+                cgroup_binds=cgroup.binds() if cgroup is not None else None,
+                netns=netns,
+                seccomp_fd=filter_fd,
             ),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            pass_fds=fds,
             # Own session: a Ctrl-C at the host's terminal is not the sandbox's.
             start_new_session=True,
             preexec_fn=(lambda: cg.join(procs)) if procs else None,
         )
     finally:
         log.close()
+        for fd in fds:
+            os.close(fd)
 
 
 def log_tail(layout: Layout) -> str:
@@ -280,10 +496,3 @@ async def wait_ready(
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
-
-
-def remove_dir(layout: Layout) -> None:
-    # Unmount first: rmtree must not walk into a mounted disk, and the loop
-    # device is only freed by the unmount.
-    disk.remove(layout.rw)
-    shutil.rmtree(layout.dir, ignore_errors=True)

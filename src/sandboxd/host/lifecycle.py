@@ -1,0 +1,133 @@
+"""Routes for snapshots and warm pools (``tensorlake-lifecycle.md`` §2, §4.4, §4.5).
+
+``{P}`` = ``/v1/namespaces/{ns}``:
+
+* ``POST {P}/sandboxes/{id}/snapshot``, ``GET {P}/snapshots/{snap}``,
+  ``GET {P}/sandboxes/{id}/snapshots``, ``GET {P}/snapshots``,
+  ``DELETE {P}/snapshots/{snap}`` (:mod:`.snapshots`);
+* ``POST``/``GET {P}/sandbox-pools``, ``GET``/``PUT``/``DELETE
+  {P}/sandbox-pools/{pool}``, claim ``POST {P}/sandbox-pools/{pool}/sandboxes``
+  (:mod:`.pools`).
+
+Unknown ids are 404 with ``SANDBOX_NOT_FOUND``, ``SNAPSHOT_NOT_FOUND`` or
+``POOL_NOT_FOUND`` (the SDK raises SandboxNotFoundError / PoolNotFoundError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from . import pools, snapshots
+from .app import MANAGER, PREFIX, _find, _json, _wait_budget, answer_started
+from .model import check_namespace
+
+SNAPSHOTS = "/v1/namespaces/{ns}/snapshots"
+POOLS = "/v1/namespaces/{ns}/sandbox-pools"
+
+
+def _ns(request: web.Request) -> str:
+    return check_namespace(request.match_info["ns"])
+
+
+# -- snapshots --------------------------------------------------------------------
+
+
+async def take_snapshot(request: web.Request) -> web.StreamResponse:
+    m, rec = _find(request)
+    snapshots.Snapshots.parse_type(await _json(request))
+    snap, task = m.snapshots.take(rec)
+    # Usually done in tens of milliseconds: answer completed (the SDK then reads
+    # it once); a big one answers in_progress and the SDK polls.
+    with contextlib.suppress(asyncio.TimeoutError):
+        budget = min(snapshots.ANSWER_WITHIN_S, _wait_budget(request))
+        await asyncio.wait_for(asyncio.shield(task), budget)
+    cur = m.snapshots.table.get(snap.id) or snap
+    status = 202 if cur.status == snapshots.IN_PROGRESS else 200
+    return web.json_response({"snapshot_id": cur.id, "status": cur.status}, status=status)
+
+
+async def get_snapshot(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    s = m.snapshots.get(_ns(request), request.match_info["snap"])
+    return web.json_response(snapshots.info(s))
+
+
+async def list_snapshots(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    items = [snapshots.info(s) for s in m.snapshots.list(_ns(request))]
+    return web.json_response({"snapshots": items})
+
+
+async def list_sandbox_snapshots(request: web.Request) -> web.StreamResponse:
+    m, rec = _find(request)
+    items = [snapshots.info(s) for s in m.snapshots.list(rec.namespace, rec.id)]
+    return web.json_response({"snapshots": items})
+
+
+async def delete_snapshot(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    m.snapshots.delete(_ns(request), request.match_info["snap"])
+    return web.Response(status=200)
+
+
+# -- pools ------------------------------------------------------------------------
+
+
+async def create_pool(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    ns = _ns(request)
+    body = await _json(request)
+    await m.check_network(pools.parse_pool(body)["network"])  # 400: a name that does not resolve
+    p = m.pools.create(ns, body)
+    return web.json_response({"pool_id": p.id, "namespace": ns})
+
+
+async def list_pools(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    return web.json_response({"pools": [m.pools.info(p) for p in m.pools.list(_ns(request))]})
+
+
+async def get_pool(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    p = m.pools.get(_ns(request), request.match_info["pool"])
+    return web.json_response(m.pools.info(p, containers=True))
+
+
+async def update_pool(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    ns, pool_id = _ns(request), request.match_info["pool"]
+    m.pools.get(ns, pool_id)  # 404 first
+    body = await _json(request)
+    await m.check_network(pools.parse_pool(body)["network"])
+    p = m.pools.update(ns, pool_id, body)
+    return web.json_response(m.pools.info(p))
+
+
+async def delete_pool(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    await m.pools.delete(_ns(request), request.match_info["pool"])
+    return web.Response(status=200)
+
+
+async def claim(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    rec = m.pools.begin_claim(_ns(request), request.match_info["pool"], await _json(request))
+    return await answer_started(request, m, rec, m.start_in_background(rec))
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post(PREFIX + "/{id}/snapshot", take_snapshot)
+    r.add_get(PREFIX + "/{id}/snapshots", list_sandbox_snapshots)
+    r.add_get(SNAPSHOTS, list_snapshots)
+    r.add_get(SNAPSHOTS + "/{snap}", get_snapshot)
+    r.add_delete(SNAPSHOTS + "/{snap}", delete_snapshot)
+    r.add_post(POOLS, create_pool)
+    r.add_get(POOLS, list_pools)
+    r.add_get(POOLS + "/{pool}", get_pool)
+    r.add_put(POOLS + "/{pool}", update_pool)
+    r.add_delete(POOLS + "/{pool}", delete_pool)
+    r.add_post(POOLS + "/{pool}/sandboxes", claim)
