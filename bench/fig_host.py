@@ -41,8 +41,26 @@ GOAL_MS = 150.0
 GOAL_MEM_MB = 40.0
 
 
+class Router:
+    """A network namespace of the bench's own for the hosts' sandboxes to route through.
+
+    So every sandbox gets its real network (netns, veth, nft policy) as in
+    production, and the machine's own namespace and firewall are never touched.
+    """
+
+    def __init__(self) -> None:
+        self.name = f"sbxbench-rt-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
+        subprocess.run(
+            ["ip", "-n", self.name, "link", "set", "lo", "up"], check=True, capture_output=True
+        )
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
 class Host:
-    def __init__(self, warm: int) -> None:
+    def __init__(self, warm: int, router: Router | None = None) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="sbhb", dir="/tmp"))
         self.state.chmod(0o711)  # the sandboxes' uid reaches its root through it
         port = free_port()
@@ -51,8 +69,8 @@ class Host:
         argv += ["--state-dir", str(self.state / "s"), "--log-level", "warning"]
         argv += ["--images", str(IMAGES)]
         # Never the machine's own network namespace and firewall (veths, an nft
-        # table, ip_forward): sandboxes get loopback only, as before networking.
-        argv += ["--no-net"]
+        # table, ip_forward): the bench's router, or loopback only.
+        argv += ["--net-router", router.name] if router is not None else ["--no-net"]
         # Not pinned like the other figures' servers: sandboxes use every core,
         # as they would in production (this process is pinned; undo it for the host).
         cpus = set(range(os.cpu_count() or 1))
@@ -125,9 +143,18 @@ def measure(ctx: Ctx) -> list[Row]:
         why = f"no default image in {IMAGES} (make image)"
     if why:
         return [not_measured(k, k, "", "", why) for k in KEYS]
+    router = Router() if shutil.which("nft") and shutil.which("ip") else None
+    try:
+        return _measure(ctx, router)
+    finally:
+        if router is not None:
+            router.close()
+
+
+def _measure(ctx: Ctx, router: Router | None) -> list[Row]:
     n = ctx.n(20, 5)
     rows = []
-    host = Host(warm=1)
+    host = Host(warm=1, router=router)
     try:
         warm = []
         for _ in range(n):
@@ -148,7 +175,7 @@ def measure(ctx: Ctx) -> list[Row]:
         )
     finally:
         host.close()
-    host = Host(warm=0)
+    host = Host(warm=0, router=router)
     try:
         cold = []
         for _ in range(ctx.n(10, 3)):
@@ -193,18 +220,18 @@ def measure(ctx: Ctx) -> list[Row]:
             s.terminate()
     finally:
         host.close()
-    rows.append(_pool_claim(ctx))
-    rows.append(_density(ctx))
+    rows.append(_pool_claim(ctx, router))
+    rows.append(_density(ctx, router))
     return rows
 
 
-def _pool_claim(ctx: Ctx) -> Row:
+def _pool_claim(ctx: Ctx, router: Router | None) -> Row:
     """``Sandbox.create(pool_id=…)`` until ``run("echo")`` returned, a warm one ready each time."""
     import warnings
 
     from tensorlake.sandbox import Sandbox, SandboxClient
 
-    host = Host(warm=0)
+    host = Host(warm=0, router=router)
     xs: list[float] = []
     try:
         with warnings.catch_warnings():  # pools are only on the deprecated SandboxClient
@@ -251,7 +278,7 @@ def _mem_available_mb() -> float:
     return 0.0
 
 
-def _density(ctx: Ctx) -> Row:
+def _density(ctx: Ctx, router: Router | None) -> Row:
     """Sandboxes started in batches until a bound; every one must still answer.
 
     A batch is made with ``wait: false``, then each sandbox of the host (old
@@ -262,7 +289,7 @@ def _density(ctx: Ctx) -> Row:
     import httpx
 
     limit = ctx.n(DENSITY_MAX, 20)
-    host = Host(warm=0)
+    host = Host(warm=0, router=router)
     ids: list[str] = []
     stop = "the bound of this run"
     t0 = time.monotonic()
@@ -315,7 +342,8 @@ def _density(ctx: Ctx) -> Row:
         samples=answering,
         note=(
             f"stopped by {stop}; started in {elapsed:.0f} s in batches of {DENSITY_BATCH} "
-            f"(128 MiB, 0.5 cpu each); machine memory used {used:.0f} MB "
+            f"(128 MiB, 0.5 cpu, {'netns + veth + nft policy' if router else 'loopback only'} "
+            f"each); machine memory used {used:.0f} MB "
             f"({used / max(answering, 1):.1f} MB per sandbox); "
             f"cgroup RSS p50 {median(mem) if mem else 0:.1f} MB"
         ),

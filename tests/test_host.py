@@ -415,7 +415,7 @@ def test_follow_sse_is_streamed_through_the_proxy_unbuffered(host: Host) -> None
             c.delete(f"{NS}/{sid}")
 
 
-def test_files_pty_and_tunnel_through_the_proxy(host: Host) -> None:
+def test_stdin_files_pty_and_tunnel_through_the_proxy(host: Host) -> None:
     from tensorlake.sandbox import Sandbox
 
     from .test_pty import BASH, BASH_ENV, Screen
@@ -430,6 +430,17 @@ def test_files_pty_and_tunnel_through_the_proxy(host: Host) -> None:
             screen.expect("/dev/pts/")
         finally:
             pty.disconnect()
+        # stdin through the proxy: written in pieces, closed, read back.
+        from tensorlake.sandbox import StdinMode
+
+        from .test_processes_sdk import wait_exit
+
+        cat = sbx.start_process("cat", stdin_mode=StdinMode.PIPE)
+        sbx.write_stdin(cat.pid, b"through ")
+        sbx.write_stdin(cat.pid, b"the proxy\n")
+        sbx.close_stdin(cat.pid)
+        assert wait_exit(sbx, cat.pid).exit_code == 0
+        assert sbx.get_stdout(cat.pid).lines == ["through the proxy"]
         # Files both ways through the proxy, bytes unchanged (several chunks).
         body = os.urandom(3 << 20)
         sbx.write_file("/root/blob.bin", body)

@@ -345,6 +345,7 @@ def test_unknown_ids_are_404_with_a_code_and_the_sdk_errors(host: Host) -> None:
         lambda: client.update_sandbox(nope, name="x"),
         lambda: client.update_sandbox(nope, memory_mb=512),
         lambda: client.snapshot(nope),
+        lambda: client.copy(nope, times=1),
     ):
         with pytest.raises(SandboxNotFoundError):
             call()
@@ -368,6 +369,7 @@ def test_unknown_ids_are_404_with_a_code_and_the_sdk_errors(host: Host) -> None:
         for method, path, code in (
             ("PATCH", f"{NS}/{nope}", "SANDBOX_NOT_FOUND"),
             ("POST", f"{NS}/{nope}/snapshot", "SANDBOX_NOT_FOUND"),
+            ("POST", f"{NS}/{nope}/copy", "SANDBOX_NOT_FOUND"),
             ("GET", f"{NS}/{nope}/snapshots", "SANDBOX_NOT_FOUND"),
             ("POST", f"{NS}/{nope}/suspend", "SANDBOX_NOT_FOUND"),
             ("GET", f"{P}/snapshots/snap-nope", "SNAPSHOT_NOT_FOUND"),
@@ -382,3 +384,35 @@ def test_unknown_ids_are_404_with_a_code_and_the_sdk_errors(host: Host) -> None:
             if method == "PATCH":
                 r = c.patch(path, json={"resources": {"memory_mb": 512}})
             assert (r.status_code, r.json()["code"]) == (404, code), (method, path)
+
+
+def test_copy_makes_running_sandboxes_with_the_sources_files(host: Host) -> None:
+    from tensorlake.sandbox import Sandbox
+
+    src = Sandbox.create(memory_mb=256, **_sdk(host))
+    copies: list[str] = []
+    try:
+        src.run("sh", args=["-c", "echo copied > /root/state.txt"])
+        with host.http() as c:
+            r = c.post(f"{NS}/{src.sandbox_id}/copy", params={"times": "0"})
+            assert (r.status_code, r.json()["code"]) == (400, "INVALID_TIMES")
+        reply = src.copy(times=2)
+        copies = [s.sandbox_id for s in reply.sandboxes]
+        assert reply.source_sandbox_id == src.sandbox_id and len(set(copies)) == 2
+        assert all(s.status == "running" and s.sandbox_url for s in reply.sandboxes)
+        for sid in copies:
+            twin = Sandbox.connect(sid, **_sdk(host))
+            assert twin.run("cat", args=["/root/state.txt"]).stdout == "copied"
+            # Each copy is its own sandbox: a write there is not seen by the source.
+            twin.run("sh", args=["-c", "echo mine > /root/own.txt"])
+        assert src.run("test", args=["-e", "/root/own.txt"]).exit_code != 0
+        # The snapshot behind the copy is gone once the copies have their files.
+        with host.http() as c:
+            wait_for(lambda: c.get(f"{P}/snapshots").json()["snapshots"] == [], timeout=10)
+    finally:
+        with host.http() as c:
+            for sid in copies:
+                c.delete(f"{NS}/{sid}")
+        src.terminate()
+    for sid in [*copies, src.sandbox_id]:
+        assert_gone(host, sid)

@@ -149,19 +149,23 @@ async def answer_started(
     # shield: a client that gives up does not cancel the start.
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(task), _wait_budget(request))
-    cur = m.store.by_id(rec.id) or rec
+    return web.json_response(started_body(m.store.by_id(rec.id) or rec, sandbox_url(request)))
+
+
+def started_body(cur: Any, url: str) -> dict[str, Any]:
+    """CreateSandboxResponse (§4.1) for a sandbox just started (create, claim, copy)."""
     body: dict[str, Any] = {"sandbox_id": cur.id, "status": cur.status}
     if cur.name is not None:
         body["name"] = cur.name
     if cur.status == RUNNING:
-        body["sandbox_url"] = sandbox_url(request)
-        body["ingress_endpoint"] = ingress_endpoint(body["sandbox_url"])
+        body["sandbox_url"] = url
+        body["ingress_endpoint"] = ingress_endpoint(url)
     if cur.status == FAILED:
         # 200 with status "failed": the SDK raises SandboxError with this reason;
         # a 5xx would not tell it more and is what the issue forbids.
         body["termination_reason"] = cur.termination_reason
         body["error_details"] = {"message": cur.error}
-    return web.json_response(body)
+    return body
 
 
 async def list_(request: web.Request) -> web.StreamResponse:
@@ -222,9 +226,7 @@ async def settle(
     completes in the background, and the status follows).
     """
     budget = wait_ms(request)
-    task = asyncio.ensure_future(op())
-    m._tasks.add(task)
-    task.add_done_callback(m._tasks.discard)
+    task = m.own(op())
     done, _ = await asyncio.wait({task}, timeout=budget)
     if task in done:
         task.result()  # an ApiError (409, 400) is the answer

@@ -1,10 +1,11 @@
-"""Routes for snapshots and warm pools (``tensorlake-lifecycle.md`` §2, §4.4, §4.5).
+"""Routes for snapshots, copies and warm pools (``tensorlake-lifecycle.md`` §2, §4.4, §4.5).
 
 ``{P}`` = ``/v1/namespaces/{ns}``:
 
 * ``POST {P}/sandboxes/{id}/snapshot``, ``GET {P}/snapshots/{snap}``,
   ``GET {P}/sandboxes/{id}/snapshots``, ``GET {P}/snapshots``,
-  ``DELETE {P}/snapshots/{snap}`` (:mod:`.snapshots`);
+  ``DELETE {P}/snapshots/{snap}`` (:mod:`.snapshots`), and
+  ``POST {P}/sandboxes/{id}/copy?times=N`` (a snapshot plus N restores);
 * ``POST``/``GET {P}/sandbox-pools``, ``GET``/``PUT``/``DELETE
   {P}/sandbox-pools/{pool}``, claim ``POST {P}/sandbox-pools/{pool}/sandboxes``
   (:mod:`.pools`).
@@ -17,12 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from aiohttp import web
 
 from . import pools, snapshots
-from .app import MANAGER, PREFIX, _find, _json, _wait_budget, answer_started
-from .model import check_namespace
+from .app import (
+    MANAGER,
+    PREFIX,
+    _find,
+    _json,
+    _wait_budget,
+    answer_started,
+    sandbox_url,
+    started_body,
+)
+from .model import ApiError, check_namespace, parse_create
 
 SNAPSHOTS = "/v1/namespaces/{ns}/snapshots"
 POOLS = "/v1/namespaces/{ns}/sandbox-pools"
@@ -73,6 +84,61 @@ async def delete_snapshot(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200)
 
 
+# -- copy -------------------------------------------------------------------------
+
+MAX_COPIES = 16
+
+
+async def copy(request: web.Request) -> web.StreamResponse:
+    """``POST {P}/sandboxes/{id}/copy?times=N``: N new sandboxes from this one's filesystem.
+
+    A snapshot of the source (frozen while archived, as for ``checkpoint``),
+    then N restores of it that keep the source's network policy, exposed ports
+    and lifetime. Filesystem only, as every snapshot here: the copies' processes
+    start fresh. Answers once every copy runs (or the wait budget is spent:
+    those still starting say ``pending``); the snapshot is deleted when the last
+    copy has its files.
+    """
+    m, rec = _find(request)
+    raw = request.query.get("times", "1")
+    try:
+        times = int(raw)
+    except ValueError:
+        times = 0
+    if not 1 <= times <= MAX_COPIES:
+        raise ApiError(400, "INVALID_TIMES", f"times must be an integer from 1 to {MAX_COPIES}")
+    snap, task = m.snapshots.take(rec)
+    await asyncio.shield(task)
+    done = m.snapshots.table.get(snap.id) or snap
+    if done.status != snapshots.COMPLETED:
+        raise ApiError(409, "COPY_FAILED", f"the source could not be archived: {done.error}")
+    body: dict[str, Any] = {"snapshot_id": snap.id, "timeout_secs": rec.timeout_secs}
+    body["exposed_ports"] = rec.exposed_ports
+    body["allow_unauthenticated_access"] = rec.allow_unauthenticated_access
+    if rec.network is not None:
+        body["network"] = rec.network
+    started = []
+    for _ in range(times):
+        copy_rec = m.begin_create(
+            rec.namespace, parse_create(m.snapshots.inherit(rec.namespace, body))
+        )
+        started.append((copy_rec, m.start_in_background(copy_rec)))
+
+    async def forget_snapshot() -> None:
+        await asyncio.gather(*(t for _, t in started), return_exceptions=True)
+        with contextlib.suppress(ApiError):
+            m.snapshots.delete(rec.namespace, snap.id)
+
+    m.own(forget_snapshot())
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(
+            asyncio.shield(asyncio.gather(*(t for _, t in started))), _wait_budget(request)
+        )
+    url = sandbox_url(request)
+    out = [started_body(m.store.by_id(r.id) or r, url) for r, _ in started]
+    return web.json_response({"source_sandbox_id": rec.id, "sandboxes": out})
+
+
 # -- pools ------------------------------------------------------------------------
 
 
@@ -121,6 +187,7 @@ async def claim(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_post(PREFIX + "/{id}/snapshot", take_snapshot)
+    r.add_post(PREFIX + "/{id}/copy", copy)
     r.add_get(PREFIX + "/{id}/snapshots", list_sandbox_snapshots)
     r.add_get(SNAPSHOTS, list_snapshots)
     r.add_get(SNAPSHOTS + "/{snap}", get_snapshot)

@@ -21,9 +21,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import disk, network, runtime, warmpath
 from .catalog import Catalog
@@ -50,6 +50,7 @@ from .snapshots import Snapshots
 from .store import NameTaken, Store
 
 log = logging.getLogger("sandboxd.host")
+T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 30.0
 DEFAULT_WARM = 1
@@ -202,9 +203,7 @@ class Manager:
             return  # nothing to start a spare from
         while len(self._spares) + self._filling < self.warm:
             self._filling += 1
-            task = asyncio.ensure_future(self._make_spare())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.own(self._make_spare())
 
     async def _make_spare(self) -> None:
         try:
@@ -266,9 +265,7 @@ class Manager:
         )
         self._procs[sid] = proc
         # Reap bwrap whenever it ends, so no zombie outlives the sandbox.
-        reaper = asyncio.ensure_future(proc.wait())
-        self._tasks.add(reaper)  # type: ignore[arg-type]
-        reaper.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        self.own(proc.wait())
         await runtime.wait_ready(self.sessions.get(sid), layout, proc, self.startup_timeout_s)
 
     async def _claim(self, rec: Record) -> bool:
@@ -285,13 +282,17 @@ class Manager:
             warmpath.prime()  # its first command's cgroup join will not wait a grace period
         return True
 
+    def own(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``work`` as a task of the host's: kept until done, cancelled by :meth:`close`."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
+        return task
+
     def start_in_background(self, rec: Record) -> asyncio.Task[None]:
         # Shielded from the request: a client that hangs up does not leave a
         # half-made sandbox; it either runs or is failed and cleaned up.
-        task = asyncio.ensure_future(self._start(rec))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self.own(self._start(rec))
 
     async def _start(self, rec: Record) -> None:
         t0 = time.monotonic()
@@ -423,9 +424,7 @@ class Manager:
 
         def fire() -> None:
             self._timers.pop(rec.id, None)
-            task = asyncio.ensure_future(self._expire(rec.id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.own(self._expire(rec.id))
 
         self._timers[rec.id] = loop.call_later(delay, fire)
 

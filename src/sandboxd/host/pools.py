@@ -252,9 +252,7 @@ class Pools:
     # -- keeping them warm ------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self.m._tasks.add(task)
-        task.add_done_callback(self.m._tasks.discard)
+        self.m.own(coro)
 
     def fill(self) -> None:
         """Start, recycle or stop warm sandboxes until every pool has its target."""

@@ -316,10 +316,7 @@ class Snapshots:
         cur.status = SNAPSHOTTING
         self.m.store.put(cur)
         self._settled[cur.id] = asyncio.Event()
-        task = asyncio.ensure_future(self._run(snap, cur.id, prior))
-        self.m._tasks.add(task)
-        task.add_done_callback(self.m._tasks.discard)
-        return snap, task
+        return snap, self.m.own(self._run(snap, cur.id, prior))
 
     async def _run(self, snap: Snapshot, sandbox_id: str, prior: str) -> None:
         cg = self.m.cgroups
