@@ -123,17 +123,22 @@ def _cleanup(host: Host) -> None:
             c.delete(f"{NS}/{s['id']}")
 
 
-@pytest.fixture(scope="module")
-def state_root() -> Iterator[Path]:
+def make_state_root(prefix: str) -> Iterator[Path]:
+    """A module's state dirs (skips, saying why, where sandboxes cannot be made)."""
     reason = _unavailable()
     if reason:
         skip_with_reason(reason)
     # Short: a unix socket path must fit in 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="sbh", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     # The sandboxes' uid (100000+) goes through it to their root filesystems.
     root.chmod(0o711)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def state_root() -> Iterator[Path]:
+    yield from make_state_root("sbh")
 
 
 @pytest.fixture(scope="module")

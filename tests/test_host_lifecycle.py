@@ -10,8 +10,6 @@ cannot run.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,21 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import skip_with_reason, wait_for
-from .test_host import NS, Host, _cgroup_dirs, _cleanup, _unavailable, assert_gone, start_host
+from .conftest import wait_for
+from .test_host import NS, Host, _cgroup_dirs, _cleanup, assert_gone, make_state_root, start_host
 
 P = "/v1/namespaces/default"
 
 
 @pytest.fixture(scope="module")
 def state_root() -> Iterator[Path]:
-    reason = _unavailable()
-    if reason:
-        skip_with_reason(reason)
-    root = Path(tempfile.mkdtemp(prefix="sbl", dir="/tmp"))  # short: socket paths
-    root.chmod(0o711)  # the sandboxes' uid goes through it to their roots
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    yield from make_state_root("sbl")
 
 
 @pytest.fixture(scope="module")
