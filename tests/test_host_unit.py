@@ -289,3 +289,17 @@ def test_the_proxy_keeps_the_hosts_token_out_of_the_sandbox(tmp_path: Path) -> N
     seen = asyncio.run(main())
     assert seen.get("x-trace") == "t1"  # other headers pass
     assert "authorization" not in seen
+
+
+def test_a_state_dir_behind_a_closed_dir_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from sandboxd.host.manager import untraversable
+
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    why = untraversable(closed / "state")
+    assert why is not None and str(closed) in why and "mode 700" in why
+    closed.chmod(0o711)
+    # Opened, it is no longer the reason (pytest's own 0700 dir above it may be).
+    again = untraversable(closed / "state" / "not-made-yet")
+    assert again is None or f"{closed} " not in again

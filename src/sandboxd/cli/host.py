@@ -116,10 +116,10 @@ async def serve(
     net: NetConfig | None = None,
 ) -> None:
     from ..host.app import create_app
-    from ..host.manager import Manager
+    from ..host.manager import Manager, untraversable
     from ..host.runtime import bwrap_available
 
-    problem = bwrap_available()
+    problem = bwrap_available() or untraversable(state_dir)
     if problem is not None:
         raise SystemExit(f"sandboxd host: {problem}")
     manager = Manager(state_dir, warm=max(0, warm), images_dir=images, net=net)

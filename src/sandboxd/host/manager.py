@@ -56,15 +56,19 @@ STARTUP_TIMEOUT_S = 30.0
 DEFAULT_WARM = 1
 
 
-def check_traversable(path: Path) -> None:
-    """The sandboxes' uid must be able to pass through every dir above the state dir."""
+def untraversable(path: Path) -> str | None:
+    """Why the sandboxes' uid cannot pass through the dirs above ``path``, if it cannot."""
     for d in path.resolve().parents:
-        if not os.stat(d).st_mode & 0o001:
-            raise SystemExit(
-                f"sandboxd host: {d} is not searchable by others (mode "
-                f"{os.stat(d).st_mode & 0o777:o}); the sandboxes' users reach their "
-                "root filesystems through it. Use another --state-dir or chmod o+x it."
+        if not d.exists():
+            continue  # made by the host, 0755
+        mode = os.stat(d).st_mode
+        if not mode & 0o001:
+            return (
+                f"{d} is not searchable by others (mode {mode & 0o777:o}); the sandboxes' "
+                "users reach their root filesystems through it. Use another --state-dir "
+                "or chmod o+x it."
             )
+    return None
 
 
 class Manager:
@@ -90,7 +94,6 @@ class Manager:
         # The sandboxes' uid reaches its root and socket through these: traverse, not list.
         for d in (state_dir, state_dir / "sandboxes"):
             os.chmod(d, 0o711)
-        check_traversable(state_dir)
         self.images = ImageStore(images_dir or state_dir / "images")
         self.store = Store(state_dir / "sandboxes.db")
         self.tag = host_tag(state_dir)
@@ -279,7 +282,8 @@ class Manager:
         if rec.network is not None:  # a spare runs the default policy until now
             await self.net.apply(rec.id, rec.network)
         if rec.pool_id is not None:
-            warmpath.prime()  # its first command's cgroup join will not wait a grace period
+            # Its first command's cgroup join will not wait out a grace period.
+            self.own(warmpath.prime())
         return True
 
     def own(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -61,7 +61,10 @@ def _migrate_to_self() -> None:
             f.write(pid)
 
 
-def prime() -> None:
-    """Start the priming migration in a worker thread; returns at once."""
-    with contextlib.suppress(RuntimeError):
-        asyncio.get_running_loop().run_in_executor(None, _migrate_to_self)
+async def prime() -> None:
+    """The priming migration, in a worker thread (it blocks for the grace period).
+
+    The caller runs it as a task of its own (``Manager.own``), so the claim's
+    answer does not wait for it.
+    """
+    await asyncio.to_thread(_migrate_to_self)
