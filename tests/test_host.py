@@ -330,6 +330,15 @@ def test_isolation_between_sandboxes_and_from_the_host(host: Host, tmp_path: Pat
         made = host.state / "sandboxes" / a / "rw/upper/root/new-file"
         assert made.stat().st_uid == 100000 and made.stat().st_gid == 100000
         assert canary.read_text() == "host"
+        # Every sandbox's cgroup dir belongs to the same uid; the host's base
+        # dir above them cannot be listed, so A, with its own bind unmounted,
+        # does not find B's in the host's cgroup tree.
+        assert all(Path(p).parent.stat().st_mode & 0o777 == 0o711 for p in _cgroup_dirs(b))
+        b_mem = [p for p in _cgroup_dirs(b) if p.startswith("/sys/fs/cgroup/memory/")]
+        if b_mem:
+            base = str(Path(b_mem[0]).parent)
+            code, out = _run(host, a, f"umount /sys/fs/cgroup/memory; ls {base}")
+            assert code != 0 and b not in out, out
         # The uid map inside: 0..65535 onto 100000.., nothing of the host's.
         code, out = _run(host, a, "cat /proc/self/uid_map")
         assert out.split() == ["0", "100000", "65536"], out

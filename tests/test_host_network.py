@@ -447,6 +447,9 @@ def test_a_token_guards_exposed_ports_unless_unauthenticated_access(lab: Lab) ->
             sbx.update(allow_unauthenticated_access=True)
             r = get({})
             assert r.status_code == 200 and r.text.endswith("auth=-")
+            # The app's own clients' Authorization reaches the app; the host's never does.
+            assert get({"Authorization": "Bearer app-token"}).text.endswith("auth=Bearer app-token")
+            assert get(auth).text.endswith("auth=-")
             # The lifecycle API still wants the token.
             assert httpx.get(h.url + NS, timeout=10).status_code == 401
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from pathlib import Path
@@ -303,3 +304,39 @@ def test_a_state_dir_behind_a_closed_dir_is_refused_with_the_reason(tmp_path: Pa
     # Opened, it is no longer the reason (pytest's own 0700 dir above it may be).
     again = untraversable(closed / "state" / "not-made-yet")
     assert again is None or f"{closed} " not in again
+
+
+def test_the_proxy_does_not_follow_a_symlink_put_in_place_of_the_socket(tmp_path: Path) -> None:
+    """The sandbox owns its socket's dir: a symlink there must not lead the host elsewhere."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from sandboxd.host.proxy import Sessions
+
+    async def main() -> tuple[int, str]:
+        elsewhere = str(tmp_path / "host-only.sock")  # stands in for any socket of the host's
+        app = web.Application()
+        async def secret(request: web.Request) -> web.Response:
+            return web.Response(text="host secret")
+
+        app.router.add_get("/{tail:.*}", secret)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.UnixSite(runner, elsewhere).start()
+        link = tmp_path / "d.sock"
+        link.symlink_to(elsewhere)
+        sessions = Sessions(lambda sid: str(tmp_path / sid))
+        try:
+            with contextlib.suppress(aiohttp.ClientConnectorError):
+                async with sessions.get("d.sock").get("http://sandbox/x") as r:
+                    return r.status, await r.text()
+            # The real socket, named directly, still works through the same connector.
+            async with sessions.get("host-only.sock").get("http://sandbox/x") as r:
+                return -1, await r.text()
+        finally:
+            await sessions.close()
+            await runner.cleanup()
+
+    assert asyncio.run(main()) == (-1, "host secret")

@@ -27,6 +27,7 @@ from .model import (
     RUNNING,
     SNAPSHOTTING,
     SUSPENDED,
+    SUSPENDING,
     ApiError,
     check_namespace,
     info,
@@ -263,6 +264,8 @@ async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
     if rec is not None and rec.status == SNAPSHOTTING:
         await m.snapshots.settled(sid)  # frozen while archived: wait for the thaw
         rec = m.store.by_id(sid)
+    if rec is not None and rec.status == SUSPENDING:
+        raise ApiError(409, "SANDBOX_SUSPENDING", f"sandbox {sid} is being suspended")
     if rec is not None and rec.status == SUSPENDED:
         if not rec.auto_resume:
             raise ApiError(409, "SANDBOX_SUSPENDED", f"sandbox {sid} is suspended")

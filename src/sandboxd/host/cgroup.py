@@ -114,6 +114,12 @@ class SandboxCgroup:
     def create(self, memory_mb: int, cpus: float, pids: int) -> None:
         for d in self.all_dirs():
             d.mkdir(parents=True, exist_ok=True)
+            # The host's base dir can be passed, not listed. Every sandbox's dir
+            # is owned by the same uid (delegate); a sandbox that unmounted the
+            # bind of its own dir sees the host's tree under /sys, and must not
+            # find the others' there (their names are 64 random bits). bwrap,
+            # running as the sandbox's uid, passes it to bind the sandbox's own.
+            os.chmod(d.parent, 0o711)
         self.set_limits(memory_mb, cpus, pids)
 
     def set_limits(self, memory_mb: int, cpus: float, pids: int) -> None:

@@ -130,4 +130,4 @@ async def _serve(
         auto_decompress=False,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
     ) as session:
-        return await proxy.forward(request, session, host=request.host)
+        return await proxy.forward(request, session, host=request.host, drop=frozenset())

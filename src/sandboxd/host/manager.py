@@ -38,6 +38,7 @@ from .model import (
     PENDING,
     RUNNING,
     SUSPENDED,
+    SUSPENDING,
     TERMINATED,
     ApiError,
     CreateSpec,
@@ -125,11 +126,16 @@ class Manager:
         await self.net.start()  # finds this host's veths, so a lost sandbox's go too
         live = [r for r in self.store.all() if r.live]
         for rec in live:
-            if rec.status == SUSPENDED:
+            if rec.status in (SUSPENDED, SUSPENDING):
                 # Frozen: its daemon cannot answer; it is alive if its cgroup has tasks.
                 ok = bool(self.cgroups.sandbox(rec.id).pids())
             else:
                 ok = rec.status == RUNNING and await runtime.healthy(self.sessions.get(rec.id))
+            if ok and rec.status == SUSPENDING:
+                # The host stopped mid-suspend: finish it.
+                await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, True)
+                rec.status = SUSPENDED
+                self.store.put(rec)
             if ok and rec.status == SUSPENDED:
                 log.info("sandbox %s survived the restart, suspended", rec.id)
             elif ok:
@@ -315,17 +321,25 @@ class Manager:
                     seed=seed,
                     policy=(self.store.by_id(rec.id) or rec).network,
                 )
-        except (runtime.LaunchError, OSError) as exc:
-            log.warning("sandbox %s failed to start: %s", rec.id, exc)
+        except Exception as exc:
+            if isinstance(exc, (runtime.LaunchError, OSError)):
+                log.warning("sandbox %s failed to start: %s", rec.id, exc)
+            else:
+                log.exception("sandbox %s failed to start", rec.id)
             await self._teardown(rec.id)
-            self._finish(rec.id, FAILED, "startup_failed", str(exc))
+            cur = self.store.by_id(rec.id)
+            if cur is not None and cur.status == PENDING:  # not a DELETE meanwhile
+                self._finish(rec.id, FAILED, "startup_failed", str(exc) or type(exc).__name__)
             return
         finally:
             self.fill_spares()
         self.last_startup_s = time.monotonic() - t0
         cur = self.store.snapshot(rec.id)
         if cur is None or cur.status != PENDING:
-            return  # deleted while starting: the DELETE tore it down
+            # Deleted while starting: the DELETE's teardown may have run before
+            # this start made its mounts and processes; tear down what is left.
+            await self._teardown(rec.id)
+            return
         cur.status = RUNNING
         self.store.put(cur)
         self._arm_timer(cur)
@@ -393,12 +407,27 @@ class Manager:
         timer = self._timers.pop(rec.id, None)
         if timer is not None:
             timer.cancel()
+        # Before the first await: a DELETE, snapshot or second suspend meanwhile
+        # sees "suspending", and this one does not write over what they did.
+        rec.status = SUSPENDING
+        self.store.put(rec)
         # Pooled connections to a frozen daemon would hang their next user.
         await self.sessions.drop(rec.id)
-        await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, True)
-        rec.status = SUSPENDED
-        self.store.put(rec)
-        return rec
+        try:
+            await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, True)
+        except OSError as exc:
+            cur = self.store.snapshot(sandbox_id)
+            if cur is not None and cur.status == SUSPENDING:
+                cur.status = RUNNING
+                self.store.put(cur)
+                self._arm_timer(cur)
+            raise ApiError(409, "SUSPEND_FAILED", f"sandbox {rec.id}: {exc}") from exc
+        cur = self.store.snapshot(sandbox_id)
+        if cur is None or cur.status != SUSPENDING:
+            return cur or rec  # terminated meanwhile: its teardown thaws and kills
+        cur.status = SUSPENDED
+        self.store.put(cur)
+        return cur
 
     async def resume(self, sandbox_id: str) -> Record:
         rec = self.store.snapshot(sandbox_id)

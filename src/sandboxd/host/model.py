@@ -19,6 +19,7 @@ from .network import PolicyError, normalize_policy
 # Exactly the SDK's SandboxStatus enum; any other string fails its validation.
 PENDING = "pending"
 RUNNING = "running"
+SUSPENDING = "suspending"  # while the freezer takes it (about a millisecond)
 SUSPENDED = "suspended"
 TERMINATED = "terminated"
 FAILED = "failed"
@@ -28,7 +29,7 @@ STATUSES = frozenset(
         PENDING,
         RUNNING,
         SNAPSHOTTING,
-        "suspending",
+        SUSPENDING,
         SUSPENDED,
         TERMINATED,
         "timeout",
@@ -37,7 +38,7 @@ STATUSES = frozenset(
 )
 # Live: holds its name, is listed, can be deleted. A suspended sandbox is frozen
 # (cgroup freezer), its memory and processes intact.
-LIVE = frozenset({PENDING, RUNNING, SUSPENDED, SNAPSHOTTING})
+LIVE = frozenset({PENDING, RUNNING, SUSPENDING, SUSPENDED, SNAPSHOTTING})
 
 # Image names that map to the store's "default" image (images.py). The SDK's
 # managed base names are accepted so scripts written for Tensorlake run
@@ -339,7 +340,7 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
         out["resource_resize"] = rec.resource_resize
     # Suspended too: the SDK's connect/get_or_create need it, and a request
     # through the proxy resumes the sandbox (or waits out a snapshot).
-    if rec.status in (RUNNING, SUSPENDED, SNAPSHOTTING):
+    if rec.status in (RUNNING, SUSPENDING, SUSPENDED, SNAPSHOTTING):
         out["sandbox_url"] = sandbox_url
         out["ingress_endpoint"] = ingress_endpoint(sandbox_url)
     if rec.terminated_at is not None:

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import socket
+import stat
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from aiohttp.client_exceptions import UnixClientConnectorError
 
 # RFC 9110 §7.6.1: connection-scoped headers are not forwarded. Host is
 # replaced by the connector's; content-length/transfer-encoding are re-derived.
@@ -65,6 +71,43 @@ def _forward_headers(headers: object, drop: frozenset[str] = frozenset()) -> lis
     return [(k, v) for k, v in items if k.lower() not in HOP_BY_HOP and k.lower() not in drop]
 
 
+class SandboxSocketConnector(aiohttp.UnixConnector):
+    """Connects to a sandbox's socket without following a symlink put in its place.
+
+    The sandbox's root owns the dir its daemon's socket is in (it made the
+    socket). Were ``d.sock`` swapped for a symlink, a plain connect by path
+    would take the host, as root, to wherever it points: another unix socket
+    of the host's. So each connect opens the path with ``O_PATH|O_NOFOLLOW``,
+    checks that it is a socket, and connects through ``/proc/self/fd``.
+    """
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        try:
+            async with asyncio.timeout(timeout.sock_connect):
+                sock = await _connect_no_follow(self._loop, self.path)
+            _, proto = await self._loop.create_unix_connection(self._factory, sock=sock)
+        except OSError as exc:
+            raise UnixClientConnectorError(self.path, req.connection_key, exc) from exc
+        return proto
+
+
+async def _connect_no_follow(loop: asyncio.AbstractEventLoop, path: str) -> socket.socket:
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.ENOTSOCK, f"{path} is not a socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, f"/proc/self/fd/{fd}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    finally:
+        os.close(fd)
+
+
 class Sessions:
     """One client session (a unix-socket connection pool) per sandbox."""
 
@@ -76,7 +119,7 @@ class Sessions:
         s = self._sessions.get(sandbox_id)
         if s is None or s.closed:
             s = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=self._socket_of(sandbox_id)),
+                connector=SandboxSocketConnector(path=self._socket_of(sandbox_id)),
                 auto_decompress=False,
                 # Streams last as long as their process; the client decides.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
@@ -95,7 +138,10 @@ class Sessions:
 
 
 async def forward_http(
-    request: web.Request, session: aiohttp.ClientSession, host: str = "sandbox"
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    host: str = "sandbox",
+    drop: frozenset[str] = NOT_TO_SANDBOX,
 ) -> web.StreamResponse:
     url = f"http://{host}" + request.rel_url.raw_path_qs
     body = request.content if request.body_exists else None
@@ -103,7 +149,7 @@ async def forward_http(
         upstream = await session.request(
             request.method,
             url,
-            headers=_forward_headers(request.headers, NOT_TO_SANDBOX),
+            headers=_forward_headers(request.headers, drop),
             data=body,
             allow_redirects=False,
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
@@ -129,7 +175,10 @@ async def forward_http(
 
 
 async def forward_ws(
-    request: web.Request, session: aiohttp.ClientSession, host: str = "sandbox"
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    host: str = "sandbox",
+    drop: frozenset[str] = NOT_TO_SANDBOX,
 ) -> web.StreamResponse:
     url = f"http://{host}" + request.rel_url.raw_path_qs
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
@@ -138,7 +187,7 @@ async def forward_ws(
         upstream = await session.ws_connect(
             url,
             headers=_forward_headers(
-                request.headers, NOT_TO_SANDBOX | WS_HANDSHAKE | {"sec-websocket-protocol"}
+                request.headers, drop | WS_HANDSHAKE | {"sec-websocket-protocol"}
             ),
             protocols=protocols,
             autoping=True,
@@ -189,9 +238,18 @@ async def forward_ws(
 
 
 async def forward(
-    request: web.Request, session: aiohttp.ClientSession, host: str = "sandbox"
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    host: str = "sandbox",
+    drop: frozenset[str] = NOT_TO_SANDBOX,
 ) -> web.StreamResponse:
-    """``host``: the Host the upstream sees (the connector decides where it goes)."""
+    """``host``: the Host the upstream sees (the connector decides where it goes).
+
+    ``drop``: request headers kept from the upstream; by default the client's
+    ``Authorization`` (the host's token, for the host only). An exposed port's
+    app gets its own clients' ``Authorization`` (``ingress.py`` removes the
+    host's token itself).
+    """
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await forward_ws(request, session, host)
-    return await forward_http(request, session, host)
+        return await forward_ws(request, session, host, drop)
+    return await forward_http(request, session, host, drop)

@@ -61,6 +61,8 @@ DAEMON_RESERVE_MB = 64
 # sockaddr_un.sun_path is 108 bytes with its NUL.
 MAX_SOCKET_PATH = 107
 LOG_TAIL = 2000
+LOG_NAME = "daemon.log"
+MS_NODEV = 4  # linux/mount.h
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 BWRAP = "bwrap"
@@ -105,7 +107,8 @@ class Layout:
 
     @property
     def log(self) -> Path:
-        return self.dir / "daemon.log"
+        """bwrap's and the daemon's output, on the sandbox's own disk (never snapshotted)."""
+        return self.rw / LOG_NAME
 
     @property
     def rw(self) -> Path:
@@ -319,7 +322,9 @@ def make_dirs(layout: Layout, disk_mb: int | None, uid: int) -> None:
 
 def mount_root(layout: Layout, image: Image) -> None:
     opts = f"lowerdir={image.rootfs},upperdir={layout.upper},workdir={layout.work}"
-    _mount("overlay", str(layout.root), "overlay", 0, opts)
+    # nodev: a device node in an image (or made in the layer) opens nothing;
+    # the sandbox's /dev is bwrap's own.
+    _mount("overlay", str(layout.root), "overlay", MS_NODEV, opts)
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
@@ -425,11 +430,16 @@ async def launch(
     if cgroup is not None:
         await asyncio.to_thread(cgroup.delegate, uid)
     procs = cgroup.procs_files() if cgroup is not None else []
-    userns = await make_userns(uid)
-    filter_fd = seccomp.memfd() if seccomp.supported() else None
-    fds = (userns,) if filter_fd is None else (userns, filter_fd)
-    log = open(layout.log, "ab")  # noqa: SIM115 - handed to the child, closed below
+    fds: list[int] = []
+    log = None
     try:
+        userns = await make_userns(uid)
+        fds.append(userns)
+        filter_fd = seccomp.memfd() if seccomp.supported() else None
+        if filter_fd is not None:
+            fds.append(filter_fd)
+        # On the sandbox's own disk: what its daemon prints counts against disk_mb.
+        log = open(layout.log, "ab")  # noqa: SIM115 - handed to the child, closed below
         return await asyncio.create_subprocess_exec(
             *bwrap_argv(
                 layout,
@@ -450,15 +460,16 @@ async def launch(
             preexec_fn=(lambda: cg.join(procs)) if procs else None,
         )
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         for fd in fds:
             os.close(fd)
 
 
 def log_tail(layout: Layout) -> str:
-    with contextlib.suppress(OSError):
-        data = layout.log.read_bytes()[-LOG_TAIL:]
-        return data.decode("utf-8", "replace").strip()
+    with contextlib.suppress(OSError), open(layout.log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL))
+        return f.read(LOG_TAIL).decode("utf-8", "replace").strip()
     return ""
 
 

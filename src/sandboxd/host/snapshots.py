@@ -67,7 +67,7 @@ MEMORY_REFUSAL = (
     "get the files, and start fresh processes"
 )
 # Top-level entries of the rw dir that are not the sandbox's state.
-NOT_STATE = frozenset({"lost+found", "work"})
+NOT_STATE = frozenset({"lost+found", "work", runtime.LOG_NAME})
 
 
 class SnapshotError(Exception):
