@@ -19,6 +19,7 @@ from sandboxd.host import model
 from sandboxd.host.ingress import target_of
 from sandboxd.host.model import ApiError, Record, info, parse_create, parse_update
 from sandboxd.host.network import (
+    CLOSED,
     DEFAULT_RULES,
     Config,
     Plan,
@@ -129,6 +130,17 @@ def test_an_unresolvable_name_is_refused_at_create_and_patch_and_opens_nothing_l
     # At a claim or a restart: no address, but allow_out was given, so still default-deny.
     rules = _resolve(policy)
     assert (rules.allow, rules.deny, rules.allow_listed) == ((), (), True)
+    # A deny name that does not resolve then closes everything, DNS included:
+    # a hiccup must not reopen what the policy shut.
+    deny_only = normalize_policy({"deny_out": ["no-such.invalid", "198.51.100.0/24"]})
+    assert _resolve(deny_only) == CLOSED and not CLOSED.internet and CLOSED.allow_listed
+    # An allow name that does not resolve alone opens nothing, closes nothing else.
+    allow_only = normalize_policy(
+        {"allow_out": ["no-such.invalid"], "deny_out": ["api.example.com"]}
+    )
+    assert _resolve(allow_only).deny and _resolve(allow_only) != CLOSED
+    # A deny name with no IPv4 address resolves (IPv6 is dropped anyway): not closed.
+    assert _resolve(normalize_policy({"deny_out": ["v6only.example"]})) != CLOSED
 
 
 def test_a_record_stored_before_policies_were_checked_does_not_stop_the_host() -> None:

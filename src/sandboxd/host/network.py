@@ -187,6 +187,9 @@ class Rules:
 
 
 DEFAULT_RULES = Rules()
+# Nothing out (DNS included): what a policy becomes when one of its deny names
+# cannot be resolved at a claim or restart.
+CLOSED = Rules(internet=False, allow_listed=True)
 
 Lookup = Callable[[str], Awaitable[list[str]]]
 
@@ -206,14 +209,17 @@ async def resolve(
     """Resolve a stored policy's hostnames (at apply time; DNS changes need a PATCH or restart).
 
     ``strict`` (create, PATCH): a name that does not resolve is a PolicyError
-    (``UNRESOLVABLE_DESTINATION``). Otherwise (claim, restart) it contributes no
-    address: an allow entry opens nothing, a deny entry closes nothing.
+    (``UNRESOLVABLE_DESTINATION``). Otherwise (claim, restart) an allow entry
+    that does not resolve opens nothing, and a deny entry that does not resolve
+    closes **everything** (:data:`CLOSED`): a DNS hiccup must not reopen what
+    the policy shut; the next PATCH or restart resolves again.
     """
     if policy is None:
         return DEFAULT_RULES
     lookup = lookup or _lookup
 
-    async def one(key: str, host: str) -> list[str]:
+    async def one(key: str, host: str) -> list[str] | None:
+        """The name's addresses; None when it does not resolve (not strict)."""
         try:
             return await lookup(host)
         except (OSError, TimeoutError, UnicodeError) as exc:
@@ -223,11 +229,12 @@ async def resolve(
                     f"network.{key} entry {host!r} does not resolve: {exc or type(exc).__name__}",
                 ) from exc
             log.warning("network.%s entry %r does not resolve: %s", key, host, exc)
-            return []
+            return None
 
     if strict:
         policy = normalize_policy(policy)
     lists: dict[str, list[IPv4Network]] = {}
+    unresolved_deny = False
     for key in ("allow_out", "deny_out"):
         items = policy.get(key) or []
         entries = []
@@ -238,9 +245,14 @@ async def resolve(
                 log.warning("ignoring network.%s entry %r: %s", key, item, exc)
         hosts = sorted({e.host for e in entries if e.host})
         addrs = await asyncio.gather(*(one(key, h) for h in hosts))
+        if key == "deny_out" and any(found is None for found in addrs):
+            unresolved_deny = True
         nets = [e.net for e in entries if e.net is not None]
-        nets += [IPv4Network(a) for found in addrs for a in found if ":" not in a]
+        nets += [IPv4Network(a) for found in addrs for a in found or [] if ":" not in a]
         lists[key] = nets
+    if unresolved_deny:
+        log.warning("a deny_out name did not resolve: the sandbox's egress is closed")
+        return CLOSED
     return Rules(
         internet=policy.get("allow_internet_access", True) is not False,
         allow_listed=bool(policy.get("allow_out")),
