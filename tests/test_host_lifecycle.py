@@ -408,3 +408,36 @@ def test_copy_makes_running_sandboxes_with_the_sources_files(host: Host) -> None
         src.terminate()
     for sid in [*copies, src.sandbox_id]:
         assert_gone(host, sid)
+
+
+def test_a_host_stopped_mid_snapshot_puts_a_suspended_sandbox_back_suspended(
+    state_root: Path,
+) -> None:
+    from tensorlake.sandbox import Sandbox
+
+    from sandboxd.host.model import SNAPSHOTTING, SUSPENDED
+    from sandboxd.host.store import Store
+
+    from .test_host import _frozen
+
+    h = start_host(state_root / "m", warm=0)
+    try:
+        sbx = Sandbox.create(name="mid-snap", memory_mb=128, **_sdk(h))
+        sbx.run("sh", args=["-c", "echo kept > /root/f"])
+        sbx.suspend()
+        h.stop()
+        # As a stop in the middle of a snapshot of it would have left the record.
+        store = Store(h.state / "sandboxes.db")
+        rec = store.snapshot(sbx.sandbox_id)
+        assert rec is not None
+        rec.status, rec.status_before = SNAPSHOTTING, SUSPENDED
+        store.put(rec)
+        store.close()
+        h = start_host(state_root / "m", warm=0)
+        again = Sandbox.connect(sbx.sandbox_id, **_sdk(h))
+        assert again.status.value == "suspended" and _frozen(sbx.sandbox_id)
+        again.resume()
+        assert again.run("cat", args=["/root/f"]).stdout == "kept"
+    finally:
+        _cleanup(h)
+        h.stop()

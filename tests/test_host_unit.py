@@ -340,3 +340,12 @@ def test_the_proxy_does_not_follow_a_symlink_put_in_place_of_the_socket(tmp_path
             await runner.cleanup()
 
     assert asyncio.run(main()) == (-1, "host secret")
+
+
+def test_a_resume_restarts_the_lifetime_and_the_record_keeps_it() -> None:
+    rec = Record.new("default", parse_create({"name": "n", "timeout_secs": 60}), 1000.0)
+    assert rec.deadline() == 1060.0
+    rec.lifetime_from = 5000.0  # set by a resume, stored with the record
+    assert rec.deadline() == 5060.0
+    rec.timeout_secs = 0
+    assert rec.deadline() is None

@@ -440,20 +440,21 @@ class Manager:
         cur = self.store.snapshot(sandbox_id)
         if cur is None or cur.status != SUSPENDED:
             return cur or rec  # terminated meanwhile
-        cur.status = RUNNING
+        # A new lifetime from now (the old one ran out, or was cut, at suspend),
+        # stored, so a restart of the host keeps counting from here.
+        cur.status, cur.lifetime_from = RUNNING, time.time()
         self.store.put(cur)
-        # A new lifetime from now: the old one ran out (or was cut) at suspend.
-        self._arm_timer(cur, restart=True)
+        self._arm_timer(cur)
         return cur
 
     # -- timeout_secs ---------------------------------------------------------
 
-    def _arm_timer(self, rec: Record, restart: bool = False) -> None:
+    def _arm_timer(self, rec: Record) -> None:
         deadline = rec.deadline()
         if deadline is None:
             return
         loop = asyncio.get_running_loop()
-        delay = rec.timeout_secs if restart else max(0.0, deadline - time.time())
+        delay = max(0.0, deadline - time.time())
 
         def fire() -> None:
             self._timers.pop(rec.id, None)

@@ -266,6 +266,11 @@ class Record:
     pool_id: str | None = None  # claimed from this pool (pools.py)
     # The latest live resize (resize.py): {generation, requested, status, error_message?}.
     resource_resize: dict[str, Any] | None = None
+    # While "snapshotting": what it was before (running or suspended), so a
+    # host that stops mid-snapshot puts it back as it was.
+    status_before: str | None = None
+    # A resume starts a new timeout_secs: from then, not from created_at.
+    lifetime_from: float | None = None
 
     @classmethod
     def new(cls, namespace: str, spec: CreateSpec, now: float) -> Record:
@@ -292,7 +297,9 @@ class Record:
         return self.status in LIVE
 
     def deadline(self) -> float | None:
-        return self.created_at + self.timeout_secs if self.timeout_secs > 0 else None
+        if self.timeout_secs <= 0:
+            return None
+        return (self.lifetime_from or self.created_at) + self.timeout_secs
 
 
 def check_network(value: Any) -> dict[str, Any] | None:

@@ -229,7 +229,8 @@ class Snapshots:
         """Before the manager's recovery: settle what a stop in mid-snapshot left.
 
         An archive that was being written is failed (its temp file removed); a
-        sandbox left frozen by it is thawed and reads ``running`` again.
+        sandbox left frozen by it is thawed and reads ``running`` again; one
+        that was suspended before the snapshot stays frozen and ``suspended``.
         """
         for s in self.table.all():
             if s.status == IN_PROGRESS:
@@ -240,6 +241,12 @@ class Snapshots:
                 if f.name.startswith(".") and f.name.endswith(".tmp"):
                     f.unlink()
         for rec in self.m.store.all():
+            if rec.status == SNAPSHOTTING and rec.status_before == SUSPENDED:
+                cur = self.m.store.snapshot(rec.id)
+                assert cur is not None
+                cur.status, cur.status_before = SUSPENDED, None
+                self.m.store.put(cur)
+                continue
             if rec.status not in (RUNNING, SNAPSHOTTING) or not self.m.cgroups.usable:
                 continue
             cgroup = self.m.cgroups.sandbox(rec.id)
@@ -253,7 +260,7 @@ class Snapshots:
             if rec.status == SNAPSHOTTING:
                 cur = self.m.store.snapshot(rec.id)
                 assert cur is not None
-                cur.status = RUNNING
+                cur.status, cur.status_before = RUNNING, None
                 self.m.store.put(cur)
 
     # -- reads ------------------------------------------------------------------
@@ -313,7 +320,7 @@ class Snapshots:
         )
         self.table.put(snap)
         prior = cur.status
-        cur.status = SNAPSHOTTING
+        cur.status, cur.status_before = SNAPSHOTTING, prior
         self.m.store.put(cur)
         self._settled[cur.id] = asyncio.Event()
         return snap, self.m.own(self._run(snap, cur.id, prior))
@@ -354,7 +361,7 @@ class Snapshots:
         cur = self.m.store.snapshot(sandbox_id)
         # A DELETE during the snapshot already made it terminated: leave that alone.
         if cur is not None and cur.status == SNAPSHOTTING:
-            cur.status = prior
+            cur.status, cur.status_before = prior, None
             self.m.store.put(cur)
             if prior == RUNNING and cur.id not in self.m._timers:
                 self.m._arm_timer(cur)  # its timeout fired meanwhile: honour it now
