@@ -190,8 +190,8 @@ def grow_disk(layout: runtime.Layout, old_mb: int, new_mb: int) -> bool:
     dev = loop_device(layout.rw)
     if dev is None:
         return False
-    os.truncate(layout.disk_image, new_mb << 20)
     try:
+        os.truncate(layout.disk_image, new_mb << 20)
         _run(["losetup", "-c", dev])
         _run(["resize2fs", dev])
     except (ResizeFailed, OSError, subprocess.TimeoutExpired) as exc:
@@ -273,6 +273,8 @@ async def _resize(m: Manager, rec: Record, given: dict[str, Any]) -> Record:
         await asyncio.to_thread(apply, m, cur, requested)
     except ResizeFailed as exc:
         error = str(exc)
+    except OSError as exc:  # its cgroups went away: a DELETE during the resize
+        error = f"the sandbox's cgroups could not be written: {exc}"
     ms = (time.monotonic() - t0) * 1000
     out = m.store.snapshot(rec.id)
     assert out is not None
