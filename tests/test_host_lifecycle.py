@@ -441,3 +441,34 @@ def test_a_host_stopped_mid_snapshot_puts_a_suspended_sandbox_back_suspended(
     finally:
         _cleanup(h)
         h.stop()
+
+
+def test_a_delete_racing_a_suspend_always_ends_terminated_with_the_name_free(host: Host) -> None:
+    """Whichever lands first, the DELETE wins: never a terminated sandbox back as suspended."""
+    import threading
+
+    from tensorlake.sandbox import Sandbox
+
+    for i in range(4):
+        sbx = Sandbox.create(name=f"race-{i}", memory_mb=128, **_sdk(host))
+        sid = sbx.sandbox_id
+        answers: dict[str, int] = {}
+
+        def call(method: str, path: str, key: str, into: dict[str, int]) -> None:
+            with host.http() as c:
+                into[key] = c.request(method, path).status_code
+
+        threads = [
+            threading.Thread(target=call, args=("POST", f"{NS}/{sid}/suspend", "suspend", answers)),
+            threading.Thread(target=call, args=("DELETE", f"{NS}/{sid}", "delete", answers)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert answers["delete"] == 200 and answers["suspend"] in (200, 202, 409), answers
+        with host.http() as c:
+            path = f"{NS}/{sid}"
+            wait_for(lambda c=c, path=path: c.get(path).json()["status"] == "terminated", 10)
+            assert c.get(f"{NS}/race-{i}").status_code == 404  # the name is free
+        assert_gone(host, sid)
