@@ -386,13 +386,19 @@ def test_a_restarted_host_remembers_and_still_reaches_its_sandboxes(state_root: 
             nap = str(_create(c, name="napper", resources={"memory_mb": 256})["sandbox_id"])
             assert c.post(f"{NS}/napper/suspend").status_code == 200
         h.stop()
+        # The stopped host leaves no mount of its own (its daemon-runtime binds)...
+        from sandboxd.host.cgroup import host_tag
+
+        tag = host_tag(h.state)
+        assert tag not in Path("/proc/self/mountinfo").read_text()
         h = start_host(state_root / "r")
         with h.http() as c:
             rec = c.get(f"{NS}/keeper").json()
             assert rec["id"] == sid and rec["status"] == "running"
             assert c.get(f"{NS}/napper").json()["status"] == "suspended"
-        code, out = _run(h, sid, "echo still here")
-        assert (code, out.strip()) == (0, "still here")
+        # ...while its sandboxes kept theirs, in their own mount namespaces.
+        code, out = _run(h, sid, "echo still here; ls /run/sandboxd-rt/py/lib | grep -c python3")
+        assert code == 0 and out.split()[:2] == ["still", "here"] and int(out.split()[2]) >= 1
         assert _run(h, nap, "echo woken")[1].strip() == "woken"
         with h.http() as c:
             assert c.delete(f"{NS}/{sid}").status_code == 200

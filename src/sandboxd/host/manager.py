@@ -171,6 +171,7 @@ class Manager:
             await self._teardown(sid)
         await self.net.close()
         await self.sessions.close()
+        await asyncio.to_thread(self.daemon.unmount)
         self.store.close()
         self.catalog.close()
 

@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -174,12 +175,33 @@ class DaemonRuntime:
     def host_dir(self) -> Path:
         return Path("/run") / self.tag / "rt"
 
+    def unmount(self) -> None:
+        """Remove the binds when the host stops.
+
+        Sandboxes still running keep theirs: bwrap bound each into the
+        sandbox's own mount namespace, a mount of its own. The next start of
+        the host makes them again.
+        """
+        mounted = mount_points()
+        for name in self.sources:
+            dst = self.host_dir / name
+            # Stacked binds (an older host's bug) come off one per umount.
+            for _ in range(mounted.count(str(dst))):
+                subprocess.run(["umount", "-l", str(dst)], capture_output=True, timeout=30)
+            with contextlib.suppress(OSError):
+                dst.rmdir()
+        for d in (self.host_dir, self.host_dir.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
     def mount(self) -> None:
-        """Make the read-only binds under /run/<tag>/rt (idempotent: kept across restarts)."""
+        """Make the read-only binds under /run/<tag>/rt (idempotent)."""
+        mounted = mount_points()
         for name, src in self.sources.items():
             dst = self.host_dir / name
             dst.mkdir(parents=True, exist_ok=True)
-            if os.path.ismount(dst):
+            # Not os.path.ismount: a bind from the same filesystem looks like a dir to it.
+            if str(dst) in mounted:
                 continue
             _run(["mount", "--bind", src, str(dst)])
             _run(["mount", "-o", "remount,bind,ro", str(dst)])
@@ -215,6 +237,18 @@ class DaemonRuntime:
         ]
         # Without the sandbox's cgroups bound in, cgroupfs is read-only inside.
         return argv if cgroups else [*argv, "--no-cgroups"]
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this mount namespace, once per mount (stacked ones repeat)."""
+    out = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4:
+                # Spaces, tabs, newlines and backslashes come octal-escaped.
+                out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+    return out
 
 
 def bwrap_argv(
