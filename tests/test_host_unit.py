@@ -318,6 +318,7 @@ def test_the_proxy_does_not_follow_a_symlink_put_in_place_of_the_socket(tmp_path
     async def main() -> tuple[int, str]:
         elsewhere = str(tmp_path / "host-only.sock")  # stands in for any socket of the host's
         app = web.Application()
+
         async def secret(request: web.Request) -> web.Response:
             return web.Response(text="host secret")
 
@@ -349,3 +350,28 @@ def test_a_resume_restarts_the_lifetime_and_the_record_keeps_it() -> None:
     assert rec.deadline() == 5060.0
     rec.timeout_secs = 0
     assert rec.deadline() is None
+
+
+def test_an_image_under_a_mounted_overlay_is_neither_replaced_nor_removed(tmp_path: Path) -> None:
+    import subprocess
+
+    if os.geteuid() != 0:
+        skip_with_reason("mounting an overlay needs root")
+    src = tmp_path / "tree"
+    (src / "usr").mkdir(parents=True)
+    store = ImageStore(tmp_path / "images")
+    img = store.import_tree("busy", src)
+    for d in ("upper", "work", "root"):
+        (tmp_path / d).mkdir()
+    opts = f"lowerdir={img.rootfs},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}"
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", opts, str(tmp_path / "root")], check=True
+    )
+    try:
+        with pytest.raises(ImageError, match="in use"):
+            store.remove("busy")
+        with pytest.raises(ImageError, match="in use"):
+            store.import_tree("busy", src)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "root")], check=True)
+    assert store.remove("busy")

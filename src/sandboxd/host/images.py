@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import mounts
+
 UID_OFFSET = 100_000
 UID_COUNT = 65_536
 DEFAULT_IMAGE = "default"
@@ -192,10 +194,8 @@ class ImageStore:
 
 def in_use(rootfs: Path) -> bool:
     """Whether a mounted overlay has ``rootfs`` as its lower dir."""
-    needle = f"lowerdir={rootfs}"
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        return any(needle + "," in line or line.rstrip().endswith(needle) for line in f)
-    return False
+    lower = f"lowerdir={rootfs}"
+    return any(m.source == "overlay" and lower in m.options.split(",") for m in mounts.table())
 
 
 def shift_owners(root: Path, offset: int) -> int:

@@ -137,6 +137,13 @@ class Sessions:
             await self.drop(sid)
 
 
+def _unreachable(exc: Exception) -> web.Response:
+    return web.json_response(
+        {"error": f"the sandbox's daemon is unreachable: {exc}", "code": "SANDBOX_UNREACHABLE"},
+        status=502,
+    )
+
+
 async def forward_http(
     request: web.Request,
     session: aiohttp.ClientSession,
@@ -155,10 +162,7 @@ async def forward_http(
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
     except (aiohttp.ClientError, OSError) as exc:
-        return web.json_response(
-            {"error": f"the sandbox's daemon is unreachable: {exc}", "code": "SANDBOX_UNREACHABLE"},
-            status=502,
-        )
+        return _unreachable(exc)
     async with upstream:
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for k, v in _forward_headers(upstream.headers):
@@ -199,10 +203,7 @@ async def forward_ws(
             {"error": exc.message, "code": "UPSTREAM_REFUSED"}, status=exc.status
         )
     except (aiohttp.ClientError, OSError) as exc:
-        return web.json_response(
-            {"error": f"the sandbox's daemon is unreachable: {exc}", "code": "SANDBOX_UNREACHABLE"},
-            status=502,
-        )
+        return _unreachable(exc)
     client = web.WebSocketResponse(
         protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0, autoping=True
     )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..engine.cgroups import _read, _write
-from . import runtime
+from . import mounts, runtime
 from .cgroup import CPU_PERIOD_US, SandboxCgroup, _set_memory_v1
 from .model import RUNNING, ApiError, Record, bad
 
@@ -154,13 +154,9 @@ def set_cpus(cg: SandboxCgroup, cpus: float) -> None:
 def loop_device(mountpoint: Path) -> str | None:
     """The block device mounted at ``mountpoint`` (its loop device), from mountinfo."""
     target = str(mountpoint.resolve())
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) >= 5 and fields[4] == target:
-                source = right.split()[1] if len(right.split()) >= 2 else ""
-                return source if source.startswith("/dev/loop") else None
+    for m in mounts.table():
+        if m.point == target:
+            return m.source if m.source.startswith("/dev/loop") else None
     return None
 
 

@@ -35,7 +35,6 @@ import contextlib
 import ctypes
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from pathlib import Path
 import aiohttp
 
 from . import cgroup as cg
-from . import disk, seccomp
+from . import disk, mounts, seccomp
 from .images import UID_COUNT, Image
 
 SOCKET_NAME = "d.sock"
@@ -182,7 +181,7 @@ class DaemonRuntime:
         sandbox's own mount namespace, a mount of its own. The next start of
         the host makes them again.
         """
-        mounted = mount_points()
+        mounted = mounts.points()
         for name in self.sources:
             dst = self.host_dir / name
             # Stacked binds (an older host's bug) come off one per umount.
@@ -196,7 +195,7 @@ class DaemonRuntime:
 
     def mount(self) -> None:
         """Make the read-only binds under /run/<tag>/rt (idempotent)."""
-        mounted = mount_points()
+        mounted = mounts.points()
         for name, src in self.sources.items():
             dst = self.host_dir / name
             dst.mkdir(parents=True, exist_ok=True)
@@ -237,18 +236,6 @@ class DaemonRuntime:
         ]
         # Without the sandbox's cgroups bound in, cgroupfs is read-only inside.
         return argv if cgroups else [*argv, "--no-cgroups"]
-
-
-def mount_points() -> list[str]:
-    """Every mount point of this mount namespace, once per mount (stacked ones repeat)."""
-    out = []
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4:
-                # Spaces, tabs, newlines and backslashes come octal-escaped.
-                out.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
-    return out
 
 
 def bwrap_argv(
