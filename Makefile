@@ -24,10 +24,13 @@ lint: venv
 
 # `sandboxd host` needs these Debian packages. As root on Debian they are installed
 # here; anywhere else the sandbox tests skip with the reason printed.
-HOST_PKGS := bubblewrap nftables mmdebstrap zstd e2fsprogs iproute2
+HOST_PKGS := bubblewrap nftables mmdebstrap zstd e2fsprogs iproute2 runsc skopeo umoci buildah
+# The image tests' registry (docker-registry), its htpasswd and their test images' busybox.
+TEST_PKGS := docker-registry apache2-utils busybox-static
 host-deps:
 	@missing=""; for t in bwrap:bubblewrap nft:nftables mmdebstrap:mmdebstrap zstd:zstd \
-	    mkfs.ext4:e2fsprogs ip:iproute2; do \
+	    mkfs.ext4:e2fsprogs ip:iproute2 runsc:runsc skopeo:skopeo umoci:umoci buildah:buildah \
+	    docker-registry:docker-registry htpasswd:apache2-utils busybox:busybox-static; do \
 	  command -v $${t%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null 2>&1 \
 	    || missing="$$missing $${t#*:}"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
@@ -35,12 +38,15 @@ host-deps:
 	       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; }; } \
 	  || echo "could not install$$missing: the sandbox tests (tests/test_host*.py) will skip"
 
-# The default image for the self-hosted sandboxes' tests (about 30 s, once; kept in
-# build/). A failure (no mirror, not root) is printed and the host tests skip.
+# The default image for the self-hosted sandboxes' tests (about 90 s, once; kept in
+# build/), then the desktop image over it (images/desktop, about 80 s more). A
+# failure (no mirror, not root) is printed and the host tests skip.
 IMAGES ?= build/images
 image: venv host-deps
 	@mkdir -p build; [ "$$(id -u)" = 0 ] && command -v mmdebstrap >/dev/null 2>&1 \
 	  && $(BIN)/sandboxd image --images $(IMAGES) build --if-missing 2>build/image-build.log \
+	  && $(BIN)/sandboxd image --images $(IMAGES) build desktop images/desktop \
+	       --dockerfile images/desktop/Dockerfile --if-missing 2>>build/image-build.log \
 	  || echo "the default image was not built (see build/image-build.log): the sandbox tests will skip"
 
 test: venv host-deps image

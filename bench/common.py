@@ -1,6 +1,6 @@
 """Shared plumbing: pinning, daemons under test, statistics, result rows.
 
-Method (``../shared/design/python-stack.md``): every server is pinned to CPU 0
+Method: every server is pinned to CPU 0
 and every load generator to CPU 1, so "one core" means one core and the client
 never competes with the server for it. Everything talks to 127.0.0.1 only.
 """
@@ -49,7 +49,7 @@ def http_get_status(port: int, path: str, timeout: float = 1.0) -> int | None:
     """One blocking GET on a fresh connection; the status code, or None if nothing answers."""
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
             head = s.recv(64)
     except OSError:
         return None

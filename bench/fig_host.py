@@ -8,6 +8,7 @@ bubblewrap; without them the rows say why they were not measured.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import shutil
 import subprocess
@@ -91,7 +92,15 @@ class Host:
 
         live = {s["id"] for s in httpx.get(self.url + NS).json()["sandboxes"]}
         root = self.state / "s" / "sandboxes"
-        return any(d.name not in live and (d / "run" / "d.sock").exists() for d in root.iterdir())
+        for d in root.iterdir():
+            if d.name in live or not (d / "d.sock").exists():
+                continue
+            with contextlib.suppress(httpx.HTTPError):
+                transport = httpx.HTTPTransport(uds=str(d / "d.sock"))
+                with httpx.Client(transport=transport, timeout=2) as c:
+                    if c.get("http://sandbox/api/v1/health").status_code == 200:
+                        return True
+        return False
 
     def close(self) -> None:
         stop_process(self.proc)
@@ -161,7 +170,7 @@ def _measure(ctx: Ctx, router: Router | None) -> list[Row]:
             deadline = time.monotonic() + 15
             while not host.spare_ready() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            time.sleep(0.2)  # the socket exists a moment before health answers
+            time.sleep(0.2)  # the host notices the health a poll (up to 50 ms) later
             sbx, t = _one(host.url)
             warm.append(t)
             sbx.terminate()

@@ -24,7 +24,9 @@ from types import ModuleType
 import fig_exec
 import fig_files
 import fig_footprint
+import fig_gvisor
 import fig_host
+import fig_images
 import fig_metadata
 import fig_output
 import fig_pty
@@ -41,6 +43,8 @@ FIGURES: dict[str, ModuleType] = {
     "files": fig_files,
     "footprint": fig_footprint,
     "host": fig_host,
+    "gvisor": fig_gvisor,
+    "images": fig_images,
 }
 # What a figure's rows are called if the figure fails before producing them.
 KEYS = {
@@ -51,6 +55,8 @@ KEYS = {
     "files": ["files_put", "files_get"],
     "footprint": ["cold_start", "idle_rss", "rss_1000", "stalled_follower"],
     "host": fig_host.KEYS,
+    "gvisor": fig_gvisor.KEYS,
+    "images": fig_images.KEYS,
 }
 # `make bench` must finish within 10 minutes on 2 cores: profiles that would
 # start after this point are skipped (and the skip is logged).

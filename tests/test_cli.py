@@ -16,7 +16,11 @@ from .conftest import Daemon, pid_alive, wait_for
 
 SUBCOMMANDS = [
     "serve", "health", "info", "ps", "start", "logs", "kill", "signal",
-    "stdin", "run", "pty", "cp", "ls",
+    "stdin", "run", "pty", "cp", "ls", "sbx",
+]  # fmt: skip
+SBX_SUBCOMMANDS = [
+    "ls", "create", "describe", "terminate", "suspend", "resume", "snapshot",
+    "pool ls", "pool create", "pool rm",
 ]  # fmt: skip
 
 
@@ -36,6 +40,44 @@ def test_top_level_help_lists_every_command() -> None:
     for cmd in SUBCOMMANDS:
         assert f"    {cmd} " in r.stdout
     assert "exit codes" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", SBX_SUBCOMMANDS)
+def test_every_sbx_command_has_help(cmd: str) -> None:
+    r = cli(None, "sbx", *cmd.split(), "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: sandboxd sbx {cmd}")
+    assert "--namespace" in r.stdout and "--url" in r.stdout
+
+
+def test_bare_sandboxd_lists_the_commands() -> None:
+    r = cli(None)
+    assert r.returncode == 2
+    assert r.stdout.startswith("usage: sandboxd")
+    for cmd in SUBCOMMANDS:
+        assert f"    {cmd} " in r.stdout
+    assert "exit codes" in r.stdout
+    r = cli(None, "sbx")
+    assert r.returncode == 2 and r.stdout.startswith("usage: sandboxd sbx")
+    for cmd in {c.split()[0] for c in SBX_SUBCOMMANDS}:
+        assert f"    {cmd} " in r.stdout
+    r = cli(None, "sbx", "pool")
+    assert r.returncode == 2
+    assert all(f"    {c} " in r.stdout for c in ("ls", "create", "rm"))
+
+
+@pytest.mark.parametrize(
+    "args", [("ps", "--bogus"), ("run", "--bogus", "--", "true"), ("sbx", "pool", "ls", "-z")]
+)
+def test_an_unknown_flag_prints_the_subcommands_usage(args: tuple[str, ...]) -> None:
+    r = cli(None, *args)
+    assert r.returncode == 2
+    prog = "sandboxd " + " ".join(a for a in args if not a.startswith("-") and a != "true")
+    assert r.stderr.startswith(f"usage: {prog} ["), r.stderr
+    assert (
+        f"{prog}: error: unrecognized arguments: {args[-1] if args[0] != 'run' else '--bogus'}"
+        in r.stderr
+    )
 
 
 def test_usage_errors_exit_2() -> None:
@@ -398,8 +440,43 @@ def test_ls(daemon: Daemon, tmp_path: Path) -> None:
     )
     body = json.loads(cli(daemon, "ls", "--json", str(tmp_path)).stdout)
     assert {e["name"] for e in body["entries"]} >= {"sub", "file.txt"}
+    # A file: its own line, as ls(1) shows it.
     r = cli(daemon, "ls", str(tmp_path / "file.txt"))
-    assert r.returncode == 1 and "NOT_A_DIRECTORY" in r.stderr
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[1].split()[:3] == ["file", "5", "B"]
+    assert lines[1].endswith(str(tmp_path / "file.txt"))
+    body = json.loads(cli(daemon, "ls", "--json", str(tmp_path / "file.txt")).stdout)
+    (entry,) = body["entries"]
+    assert (entry["is_dir"], entry["size"]) == (False, 5)
+    assert abs(entry["modified_at"] / 1000 - (tmp_path / "file.txt").stat().st_mtime) < 2
+    r = cli(daemon, "ls", str(tmp_path / "missing"))
+    assert r.returncode == 5 and "NOT_FOUND" in r.stderr
+
+
+@pytest.mark.parametrize("columns", [30, 60, 100])
+def test_the_progress_bar_fits_the_terminal_width(
+    daemon: Daemon, tmp_path: Path, columns: int
+) -> None:
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3)
+    deep.mkdir()
+    src = deep / "big.bin"
+    src.write_bytes(os.urandom(2 << 20))
+    r = cli(
+        daemon,
+        "cp",
+        "--progress",
+        str(src),
+        f":{tmp_path}/copy.bin",
+        env={"COLUMNS": str(columns)},
+    )
+    assert r.returncode == 0, r.stderr
+    # Text mode turned each \r into a line break: one line per redraw.
+    drawn = [d.replace("\x1b[K", "") for d in r.stderr.splitlines() if d.strip()]
+    assert drawn and "100.0%" in drawn[-1]
+    assert all(len(d) < columns for d in drawn), drawn
+    if columns >= 60:
+        assert "[" in drawn[-1] and "copy.bin" in drawn[-1]
 
 
 def test_console_script_is_installed() -> None:

@@ -56,6 +56,24 @@ def test_every_command_is_documented() -> None:
         assert f"sandboxd {name}" in doc, name
 
 
+def _commands(parser: object, prefix: str) -> list[str]:
+    """Every command line path down to a leaf: ``sandboxd sbx pool ls`` and so on."""
+    out = []
+    for action in parser._actions:  # type: ignore[attr-defined]
+        if action.dest in ("cmd", "sbx_cmd", "pool_cmd"):
+            for name, child in action.choices.items():
+                out += [f"{prefix} {name}", *_commands(child, f"{prefix} {name}")]
+    return out
+
+
+def test_every_sbx_command_is_documented() -> None:
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    nested = [c for c in _commands(build_parser(), "sandboxd") if c.startswith("sandboxd sbx ")]
+    assert "sandboxd sbx pool rm" in nested and "sandboxd sbx describe" in nested
+    for command in nested:
+        assert f"{command} " in doc or f"{command}`" in doc, command
+
+
 def test_every_metric_is_documented() -> None:
     doc = (ROOT / "docs" / "observability.md").read_text()
     names = {f.name for f in Metrics().registry.collect() if f.name.startswith("sandboxd_")}

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-import pytest
+import pexpect
+
+from sandboxd.engine.pty import session_members
 
 from .cli_helpers import CLI, cli_env
-from .conftest import Daemon, skip_with_reason
-
-pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extra")
+from .conftest import Daemon, wait_for
 
 PROMPT = "sbx-prompt> "
-
-
-@pytest.fixture(autouse=True)
-def _pty_routes(http) -> None:  # type: ignore[no-untyped-def]
-    if http.get("/api/v1/pty").status_code == 404:
-        skip_with_reason("the daemon has no PTY routes (api/pty.py) yet")
 
 
 def spawn(daemon: Daemon, *args: str, rows: int = 30, cols: int = 100):  # type: ignore[no-untyped-def]
@@ -54,14 +47,32 @@ def test_interactive_shell_exit_code_and_cleanup(daemon: Daemon, http) -> None: 
     assert after <= before  # the CLI deleted its session
 
 
-def test_initial_size_and_resize_pass_through(daemon: Daemon) -> None:
+def sizes(http) -> set[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    return {(s["rows"], s["cols"]) for s in http.get("/api/v1/pty").json()["sessions"]}
+
+
+def sleeping_in_a_session(http) -> bool:  # type: ignore[no-untyped-def]
+    """A ``sleep`` runs in the (live) session of some PTY of the daemon."""
+    live = [s["pid"] for s in http.get("/api/v1/pty").json()["sessions"] if s["is_alive"]]
+    return any(_comm(pid) == "sleep" for leader in live for pid in session_members(leader))
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_initial_size_and_resize_pass_through(daemon: Daemon, http) -> None:  # type: ignore[no-untyped-def]
     child = shell(daemon, rows=30, cols=100)
     child.expect_exact(PROMPT)
     child.sendline("stty size")
     child.expect_exact("30 100")
     child.expect_exact(PROMPT)
     child.setwinsize(40, 132)  # the kernel sends SIGWINCH to the CLI
-    time.sleep(0.3)
+    wait_for(lambda: (40, 132) in sizes(http))  # the CLI passed it on to the daemon
     child.sendline("stty size")
     child.expect_exact("40 132")
     child.sendline("exit")
@@ -70,11 +81,11 @@ def test_initial_size_and_resize_pass_through(daemon: Daemon) -> None:
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_goes_to_the_remote_program(daemon: Daemon) -> None:
+def test_ctrl_c_goes_to_the_remote_program(daemon: Daemon, http) -> None:  # type: ignore[no-untyped-def]
     child = shell(daemon)
     child.expect_exact(PROMPT)
     child.sendline("sleep 30; echo $((40 + 2))-not-interrupted")
-    time.sleep(0.5)
+    wait_for(lambda: sleeping_in_a_session(http))  # the job runs: ^C is for it
     child.sendcontrol("c")  # raw mode: the byte goes to the remote terminal, not our SIGINT
     child.expect_exact(PROMPT)
     assert "42-not-interrupted" not in str(child.before)  # the shell stopped the whole line

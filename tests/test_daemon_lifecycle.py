@@ -136,7 +136,7 @@ def test_slow_headers_are_cut_off_and_the_daemon_keeps_answering(make_daemon) ->
         socks = []
         for _ in range(200):
             s = socket.create_connection(("127.0.0.1", d.port))
-            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             socks.append(s)
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
@@ -165,7 +165,7 @@ def test_a_trickling_json_body_gets_408(make_daemon) -> None:  # type: ignore[no
     s = socket.create_connection(("127.0.0.1", d.port))
     s.settimeout(10)
     s.sendall(
-        b"POST /api/v1/processes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/v1/processes HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body[:5]
     )
@@ -177,3 +177,21 @@ def test_a_trickling_json_body_gets_408(make_daemon) -> None:  # type: ignore[no
     assert time.monotonic() - t0 < 5
     with d.http() as http:
         assert http.get("/api/v1/info").json()["spawned_total"] == 0
+
+
+def test_serve_starts_its_entrypoint_as_an_ordinary_process(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon("--", "sh", "-c", "echo from-entrypoint; exec sleep 300")
+    sbx = d.sandbox()
+    procs = sbx.list_processes()
+    (p,) = [p for p in procs if p.command == "sh"]
+    assert p.args == ["-c", "echo from-entrypoint; exec sleep 300"]
+    wait_for(lambda: sbx.get_stdout(p.pid).lines == ["from-entrypoint"])
+    sbx.kill_process(p.pid)
+    wait_for(lambda: sbx.get_process(p.pid).status != "running")
+
+
+def test_an_entrypoint_that_cannot_start_is_logged_and_the_daemon_serves_on(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    d = make_daemon("--", "/no/such/program", "x")
+    assert list(d.sandbox().list_processes()) == []
+    assert "the entrypoint ['/no/such/program', 'x'] could not start" in d.log()
+    assert "COMMAND_NOT_FOUND" in d.log() or "not found" in d.log().lower()

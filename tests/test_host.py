@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,9 +18,10 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -78,8 +80,13 @@ def start_host(
     warm: int = 1,
     token: str | None = None,
     extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Host:
-    """``extra_args`` replace the default ``--no-net`` (e.g. ``--net-router NETNS``)."""
+    """``extra_args`` replace the default ``--no-net`` (e.g. ``--net-router NETNS``).
+
+    ``env`` is added to the host's environment; ``preexec_fn`` runs in its child.
+    """
     port = port or free_port()
     log_path = state.with_name(state.name + ".log")
     with open(log_path, "ab") as log:
@@ -103,7 +110,12 @@ def start_host(
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **({"SANDBOXD_HOST_TOKEN": token} if token else {})},
+            env={
+                **os.environ,
+                **({"SANDBOXD_HOST_TOKEN": token} if token else {}),
+                **(env or {}),
+            },
+            preexec_fn=preexec_fn,
         )
     host = Host(f"http://127.0.0.1:{port}", state, proc, log_path)
 
@@ -510,13 +522,16 @@ def test_memory_mb_is_enforced_and_the_oom_kill_is_reported(host: Host) -> None:
             c.delete(f"{NS}/{sid}")
 
 
-def _spare_ready(host: Host) -> bool:
+def _ready_spares(host: Host) -> list[str]:
+    """The host's warm spares that it says are ready (its log) and nobody has taken yet."""
     with host.http() as c:
-        live = {s["id"] for s in c.get(NS).json()["sandboxes"]}
-    return any(
-        d.name not in live and (d / "run" / "d.sock").exists()
-        for d in (host.state / "sandboxes").iterdir()
-    )
+        taken = {s["id"] for s in c.get(NS).json()["sandboxes"]}
+    ready = re.findall(r"spare sandbox (\S+) ready", host.log())
+    return [sid for sid in ready if sid not in taken and (host.state / "sandboxes" / sid).exists()]
+
+
+def _spare_ready(host: Host) -> bool:
+    return bool(_ready_spares(host))
 
 
 def test_a_warm_spare_makes_create_to_first_command_fast(host: Host) -> None:
@@ -524,14 +539,15 @@ def test_a_warm_spare_makes_create_to_first_command_fast(host: Host) -> None:
 
     times = []
     for _ in range(3):
-        wait_for(lambda: _spare_ready(host), timeout=15)
-        time.sleep(0.2)  # its socket exists a moment before it answers health
+        spares = cast(list[str], wait_for(lambda: _ready_spares(host), timeout=15))
         t0 = time.monotonic()
         sbx = Sandbox.create(api_url=host.url, api_key=None, cpus=1, memory_mb=300)
         try:
             assert sbx.run("echo", args=["warm"]).stdout.strip() == "warm"
             times.append(time.monotonic() - t0)
-            # The spare got the requested limits: memory_mb for its processes.
+            # The create took the spare that was ready (how fast that is: make bench)...
+            assert sbx.sandbox_id in spares, (sbx.sandbox_id, spares)
+            # ...and gave it the requested limits: memory_mb for its processes.
             memory = [p for p in _cgroup_dirs(sbx.sandbox_id) if "/memory/" in p]
             caps = [
                 int(p.read_text()) for p in Path(memory[0]).glob("sandboxd-*/memory.limit_in_bytes")
@@ -540,7 +556,6 @@ def test_a_warm_spare_makes_create_to_first_command_fast(host: Host) -> None:
         finally:
             sbx.terminate()
     print(f"\ncreate -> first command with a warm spare: {[f'{t * 1000:.0f} ms' for t in times]}")
-    assert min(times) < 0.5
 
 
 def test_disk_mb_is_enforced(host: Host) -> None:

@@ -260,7 +260,7 @@ def test_pools_through_the_sdk(host: Host) -> None:
             return any(c.state == "Idle" for c in got.containers or [])
 
         info = client.get_pool(pool_id)
-        assert (info.image, info.resources.memory_mb, info.max_containers) == ("default", 256, 2)
+        assert (info.image, info.resources.memory_mb, info.max_containers) == ("python", 256, 2)
         assert pool_id in [p.pool_id for p in client.list_pools()]
         times = []
         for _ in range(2):

@@ -196,7 +196,7 @@ def test_pool_requests_are_validated_like_creates() -> None:
         ({"image": "python", "warm_containers": -1}, "INVALID_WARM_CONTAINERS"),
         ({"image": "python", "max_containers": 0}, "INVALID_MAX_CONTAINERS"),
         ({"image": "python", "resources": {"memory_mb": 1}}, "INVALID_MEMORY_MB"),
-        ({"image": "python", "entrypoint": ["sleep"]}, "ENTRYPOINT_UNSUPPORTED"),
+        ({"image": "python", "entrypoint": "sleep"}, "INVALID_ENTRYPOINT"),
         ({"image": "python", "bogus": 1}, "UNKNOWN_FIELD"),
     ):
         assert _code(parse_pool, body) == code, body
@@ -217,3 +217,40 @@ def test_pool_info_is_what_the_sdk_reads(tmp_path: Path) -> None:
         pools.get("default", "pool-2")
     assert e.value.status == 404
     cat.close()
+
+
+# -- snapshots a restore could not make ----------------------------------------
+
+
+def _deep(top: Path, levels: int, name: str = "d" * 200) -> Path:
+    """``levels`` nested dirs made relative to each other, as a sandbox can (past PATH_MAX)."""
+    top.mkdir(parents=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fd)
+            nxt = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    return top
+
+
+def test_a_path_past_path_max_is_found_and_refused_before_anything_is_archived(
+    tmp_path: Path,
+) -> None:
+    rw = tmp_path / "rw"
+    _deep(rw / "upper" / "root", 10)  # about 2 KB: fine
+    assert snapshots.too_long(rw, snapshots.members(rw)) is None
+    _deep(rw / "upper" / "home", 25)  # about 5 KB
+    found = snapshots.too_long(rw, snapshots.members(rw))
+    assert found is not None and found.startswith("./upper/home/ddd")
+    assert len(found.encode()) >= snapshots.PATH_MAX > len(found.encode()) - 202
+    dest = tmp_path / "snap.tar.gz"
+    with pytest.raises(snapshots.Unrestorable) as e:
+        snapshots.archive(rw, dest, "gz")
+    assert e.value.code == "SNAPSHOT_UNRESTORABLE" and "/home/ddd" in str(e.value)
+    assert "/upper/" not in str(e.value)  # the path as the sandbox sees it
+    assert not dest.exists() and list(tmp_path.glob(".snap*")) == []

@@ -338,9 +338,9 @@ def test_requests_that_are_not_valid_http_get_json_errors_too(daemon) -> None:  
     import json as _json
 
     cases = [
-        b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",  # NUL in a header
-        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line over 8 KiB
-        b"POST /api/v1/processes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nX-Bad: a\x00b\r\n\r\n",  # NUL in a header
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",  # request line over 8 KiB
+        b"POST /api/v1/processes HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     ]
     for request in cases:
         reply = _raw(daemon.port, request)
@@ -349,5 +349,5 @@ def test_requests_that_are_not_valid_http_get_json_errors_too(daemon) -> None:  
         assert b"application/json" in head.lower(), head
         assert _json.loads(body)["code"], body
     assert _raw(
-        daemon.port, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        daemon.port, b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     ).startswith(b"HTTP/1.1 200")

@@ -202,7 +202,7 @@ def test_follow_has_no_gap_or_duplicate(sbx) -> None:  # type: ignore[no-untyped
     # Output starts before the follower attaches and goes on after: replay + live.
     script = "i=0; while [ $i -lt 400 ]; do echo line$i; i=$((i+1)); [ $((i % 50)) = 0 ] && sleep 0.05; done"
     p = sbx.start_process("sh", args=["-c", script])
-    time.sleep(0.1)
+    wait_for(lambda: sbx.get_stdout(p.pid).lines)  # attach once output has begun
     lines = [e.line for e in sbx.follow_stdout(p.pid)]
     assert lines == [f"line{i}" for i in range(400)]
 

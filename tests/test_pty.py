@@ -90,7 +90,9 @@ def test_resize_is_seen_by_stty(sbx: Any, open_ptys: list[Any], http: httpx.Clie
     screen.expect("40 120")
     # SIGWINCH reaches the foreground job.
     pty.send_input("trap 'echo winched-$(stty size | tr \" \" x)' WINCH; sleep 5 & wait\n")
-    time.sleep(0.3)
+    # The trap is set once the shell has started the job that follows it.
+    shell = _pid(http, pty.session_id)
+    wait_for(lambda: any(_comm(p) == "sleep" for p in session_members(shell)))
     assert (
         http.post(f"/api/v1/pty/{pty.session_id}/resize", json={"rows": 11, "cols": 33}).status_code
         == 204
@@ -107,12 +109,12 @@ def test_exit_code_reaches_wait(sbx: Any, open_ptys: list[Any], http: httpx.Clie
     assert info["ended_at"] >= info["created_at"]
 
 
-def test_reattach_replays_history(sbx: Any, open_ptys: list[Any]) -> None:
+def test_reattach_replays_history(sbx: Any, open_ptys: list[Any], http: httpx.Client) -> None:
     pty, screen = _bash(sbx, open_ptys)
     pty.send_input("echo marker-$((1000+337))\n")
     screen.expect("marker-1337")
     pty.disconnect()
-    time.sleep(0.1)
+    wait_for(lambda: http.get(f"/api/v1/pty/{pty.session_id}").json()["clients"] == 0)
     again = Screen()
     pty2 = sbx.connect_pty(pty.session_id, pty.token, on_data=again)
     open_ptys.append(pty2)
@@ -338,7 +340,10 @@ def test_raw_ws_token_forms_ready_buffering_and_two_clients(
         async with aiohttp.ClientSession() as s:
             a = await s.ws_connect(url, headers={"X-PTY-Token": token})  # header only
             b = await s.ws_connect(f"{url}?token={token}")  # query only
-            await asyncio.sleep(0.3)  # "early-9" is printed by now
+            # "early-9" is printed once sh has exec'd cat.
+            pid = int(made["pid"])
+            while _comm(pid) != "cat":
+                await asyncio.sleep(0.01)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(a.receive(), 0.3)  # nothing before READY
             await a.send_str("ignored")  # text frames are ignored
@@ -350,7 +355,7 @@ def test_raw_ws_token_forms_ready_buffering_and_two_clients(
             await _frames(a, b"from-b")  # ...output to both
             await _frames(b, b"from-b")
             await a.send_bytes(struct.pack(">BHH", 1, 77, 13))  # resize: cols, rows
-            await asyncio.sleep(0.1)
+            wait_for(lambda: (i := http.get(f"/api/v1/pty/{sid}").json())["rows"] == 13 and i)
             info = http.get(f"/api/v1/pty/{sid}").json()
             assert (info["rows"], info["cols"]) == (13, 77)
             await a.close()

@@ -30,6 +30,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 9501
     unix: str | None = None  # a unix socket path; replaces host/port when set
+    listen_fd: int | None = None  # an inherited listening socket; replaces both
+    entrypoint: list[str] = field(default_factory=list)  # `serve -- CMD ARGS`
     token: str | None = None
     log_format: str = "text"
     on_shutdown: str = "stop"  # or "leave"

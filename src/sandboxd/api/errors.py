@@ -1,31 +1,16 @@
 """Error bodies: ``{"error": "<message>", "code": "<MACHINE_CODE>"}``, always JSON.
 
-Never answer 502, 503 or 504 from this daemon: the official SDK retries those,
-and a retried start would start the process twice.
+They live in the shared HTTP edge (:mod:`sandboxd.edge.errors`); this module
+keeps the names the daemon's routes import. The daemon never answers 502, 503
+or 504 (the official SDK retries those, and a retried start would start the
+process twice): its error middleware turns one into a logged 500.
 """
 
 from __future__ import annotations
 
-import json
+from ..edge.errors import ApiError, error_response
 
-from aiohttp import web
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        assert status not in (502, 503, 504), "the SDK would retry this"
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps({"error": message, "code": code}).encode(),
-        content_type="application/json",
-    )
+__all__ = ["ApiError", "bad_request", "error_response", "not_found"]
 
 
 def not_found(message: str) -> ApiError:

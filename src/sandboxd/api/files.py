@@ -9,10 +9,9 @@ requests but never the event loop (or the metadata GETs the SDK times out).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
@@ -21,11 +20,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import Field
 
 from .. import files
-from ..engine.spawn import Identity, is_self
+from ..engine import Identity, is_self
 from ..files import errors as codes
 from ..files import ranges
 from ..files.identity import assume as assume_identity
 from . import models, processes
+from .error_map import FILES_STATUS, engine_errors
 from .errors import ApiError, error_response
 
 log = logging.getLogger("sandboxd.files")
@@ -38,22 +38,8 @@ IO_THREADS = 16
 # Read size for files whose length is unknown (procfs): they are small, or unbounded.
 STREAM_CHUNK = 256 << 10
 
-STATUS_OF_CODE = {
-    codes.INVALID_PATH: 400,
-    codes.IS_DIRECTORY: 400,
-    codes.NOT_A_DIRECTORY: 400,
-    codes.NOT_A_REGULAR_FILE: 400,
-    codes.INCOMPLETE_BODY: 400,
-    codes.PATH_TRAVERSAL: 403,
-    codes.PERMISSION_DENIED: 403,
-    codes.READ_ONLY_FILESYSTEM: 403,
-    codes.NOT_FOUND: 404,
-    codes.FILE_BUSY: 409,
-    codes.FILE_TOO_LARGE: 413,
-    codes.RESOURCE_EXHAUSTED: 429,
-    codes.INSUFFICIENT_STORAGE: 507,
-    codes.IO_ERROR: 500,
-}
+# Status of each files code: kept with every other engine answer in error_map.py.
+STATUS_OF_CODE = FILES_STATUS
 
 
 async def lifespan(app: web.Application) -> AsyncIterator[None]:
@@ -80,12 +66,7 @@ def _file_pool(identity: Identity | None) -> ThreadPoolExecutor:
     )
 
 
-@contextlib.contextmanager
-def _api_errors() -> Iterator[None]:
-    try:
-        yield
-    except files.FilesError as exc:
-        raise ApiError(STATUS_OF_CODE.get(exc.code, 500), exc.code, exc.message) from None
+_api_errors = engine_errors
 
 
 class PathQuery(models.Strict):

@@ -3,7 +3,7 @@
 Requests are validated by pydantic models (strict types: ``"9"`` is not a
 signal); a body that does not validate gets 400 ``INVALID_REQUEST`` naming the
 field. Responses are plain dicts built here, field for field as the SDK's
-``ProcessInfo`` expects (``../shared/spec/tensorlake-api.md`` §4). Extra fields
+``ProcessInfo`` expects (docs/processes.md). Extra fields
 (``reason``, ``dropped_bytes``) are ours; the SDK drops unknown fields. The
 request models here and the response models in ``schemas.py`` are what the
 OpenAPI document (``openapi.py``) is generated from.
@@ -23,12 +23,19 @@ from pydantic import (
     field_validator,
 )
 
-from ..engine._state import ExitInfo, RestartPolicy
-from ..engine.health import HealthCheckConfig
-from ..engine.managed import RestartConfig, Supervisor
-from ..engine.output import STDERR, STDOUT
-from ..engine.process import Process
-from ..engine.spawn import SpawnError, SpawnSpec, resolve_user
+from ..engine import (
+    STDERR,
+    STDOUT,
+    ExitInfo,
+    HealthCheckConfig,
+    Process,
+    RestartConfig,
+    RestartPolicy,
+    SpawnError,
+    SpawnSpec,
+    Supervisor,
+    resolve_user,
+)
 from .errors import ApiError
 
 MAX_ARGV_BYTES = 1 << 20  # the kernel's ARG_MAX is 2 MiB for argv + env together
@@ -301,7 +308,7 @@ def managed_info(sup: Supervisor) -> dict[str, Any]:
             "timeout_ms": hc.timeout_ms,
             "failure_threshold": hc.failure_threshold,
         },
-        "health_status": sup.health_status,
+        "health_status": sup.health_status.value,
         "consecutive_health_failures": sup.consecutive_health_failures,
         "last_exit": _last_exit(sup.last_exit),
         "last_error": sup.last_error,

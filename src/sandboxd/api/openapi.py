@@ -297,10 +297,11 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 # fmt: on
 
-# The body of every JSON-accepting route is read by processes.read_json.
+# The body of every JSON-accepting route is read by the edge's read_json (edge/body.py).
 _JSON_BODY_ERRORS = {
     408: error("The JSON body did not arrive in time.", "REQUEST_TIMEOUT"),
     413: error("The JSON body is over 1 MiB.", "PAYLOAD_TOO_LARGE"),
+    415: error("The body is not sent as application/json.", "UNSUPPORTED_MEDIA_TYPE"),
 }
 _UNAUTHORIZED = error("The daemon has a token and the request did not carry it.", "UNAUTHORIZED")
 
@@ -314,6 +315,8 @@ The Tensorlake Sandbox API as served by sandboxd.
   the codes it can carry. Streams (SSE, websockets) report errors this way only before
   they start. The daemon never answers 503 or 504, and 502 only on the tunnel route:
   the SDK retries those, and a retried start would start twice.
+* **Browsers**: a request with a foreign `Origin` is 403 `FOREIGN_ORIGIN`, and without a
+  token a `Host` that is not a loopback name is 403 `HOST_NOT_ALLOWED` (docs/http-edge.md).
 * **Websocket** routes are marked `x-websocket`; they answer 101 to an upgrade.
 * **Server-sent events**: the schema of a `text/event-stream` response describes one
   event (OpenAPI 3.2's `itemSchema`): its `event:` name and its `data:`, a JSON document

@@ -12,13 +12,18 @@ from typing import Any
 from aiohttp import web
 
 from ..config import SETTINGS_KEY
-from ..engine.managed import SupervisionStopped
-from ..engine.output import follow, snapshot_lines
-from ..engine.process import Process, StdinNotWritable
-from ..engine.spawn import SpawnError
-from ..engine.table import NameInUse, ProcessNotFound, ProcessTable, name_problem
+from ..edge.body import read_json as edge_read_json
+from ..engine import (
+    Process,
+    ProcessTable,
+    StdinNotWritable,
+    follow,
+    name_problem,
+    snapshot_lines,
+)
 from . import sse
-from .errors import ApiError, bad_request, not_found
+from .error_map import engine_errors
+from .errors import ApiError, bad_request
 from .models import (
     STREAMS,
     RunRequest,
@@ -45,45 +50,13 @@ def _table(request: web.Request) -> ProcessTable:
 
 
 def _process(request: web.Request) -> Process:
-    try:
+    with engine_errors():
         return _table(request).get(request.match_info["p"])
-    except ProcessNotFound as exc:
-        raise not_found(str(exc)) from None
 
 
 async def read_json(request: web.Request) -> Any:
-    too_large = ApiError(
-        413, "PAYLOAD_TOO_LARGE", f"JSON bodies are limited to {MAX_JSON_BODY} bytes"
-    )
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise too_large
-    raw = bytearray()
-    limit = _idle_timeout(request)
-    try:
-        # A whole JSON body must arrive in time: a client trickling bytes
-        # (slowloris) must not hold a handler forever.
-        async with asyncio.timeout(limit):
-            async for chunk in request.content.iter_any():
-                raw += chunk
-                if len(raw) > MAX_JSON_BODY:
-                    raise too_large
-    except TimeoutError:
-        raise ApiError(
-            408, "REQUEST_TIMEOUT", f"the JSON body did not arrive within {limit:g} s"
-        ) from None
-    try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request("INVALID_JSON", f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        # "[[[[...": a megabyte of nesting exhausts the parser's stack (was a 500).
-        raise bad_request("INVALID_JSON", "the body is nested too deeply") from None
-
-
-def _not_json(name: str) -> Any:
-    # Python's json accepts NaN and Infinity; JSON does not (RFC 8259), and an
-    # infinite timeout or a NaN size must not reach the engine.
-    raise ValueError(f"{name} is not a JSON value")
+    # The shared edge's reader: type, size, time, depth and NaN bounds (edge/body.py).
+    return await edge_read_json(request)
 
 
 def _idle_timeout(request: web.Request) -> float:
@@ -99,10 +72,8 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 def _start(table: ProcessTable, req: Any, **kwargs: Any) -> Process:
-    try:
+    with engine_errors():
         return table.start(to_spawn_spec(req), **kwargs)
-    except SpawnError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
 
 
 @routes.post("/api/v1/processes")
@@ -113,7 +84,7 @@ async def start_process(request: web.Request) -> web.Response:
         return _json(process_info(_start(table, req)), status=201)
     if req.name is not None and (problem := name_problem(req.name)):
         raise bad_request("INVALID_NAME", problem)
-    try:
+    with engine_errors():
         proc = table.start_managed(
             to_spawn_spec(req),
             name=req.name,
@@ -121,10 +92,6 @@ async def start_process(request: web.Request) -> web.Response:
             health_check=req.health_check.config() if req.health_check else None,
             stop_grace_s=None if req.stop_grace_ms is None else req.stop_grace_ms / 1000,
         )
-    except SpawnError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
-    except NameInUse as exc:
-        raise ApiError(409, "NAME_IN_USE", str(exc)) from None
     return _json(process_info(proc), status=201)
 
 
@@ -147,7 +114,9 @@ async def kill_process(request: web.Request) -> web.Response:
     """
     proc = _process(request)
     if proc.supervisor is not None:
-        await proc.supervisor.delete()
+        # The engine owns the stop: if this client gives up, it completes anyway.
+        sup = proc.supervisor
+        await sup.wait_deleted(sup.delete())
         return web.Response(status=204)
     proc.kill_tree()
     if proc.running:
@@ -166,12 +135,8 @@ async def restart_process(request: web.Request) -> web.Response:
             f"Process {proc.pid} is not managed; only processes started with a name, "
             "restart policy or health check can be restarted",
         )
-    try:
+    with engine_errors():
         new = await sup.restart_now()
-    except SupervisionStopped as exc:
-        raise ApiError(409, "PROCESS_DELETED", str(exc)) from None
-    except SpawnError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
     return _json(process_info(new))
 
 
@@ -192,7 +157,7 @@ async def send_signal(request: web.Request) -> web.Response:
 @routes.post("/api/v1/processes/{p}/stdin")
 async def write_stdin(request: web.Request) -> web.Response:
     proc = _process(request)
-    try:
+    with engine_errors():
         if not proc.stdin_writable:
             raise StdinNotWritable(proc.stdin_problem())
         idle = _idle_timeout(request)
@@ -206,8 +171,6 @@ async def write_stdin(request: web.Request) -> web.Response:
             if not chunk:
                 break
             await proc.write_stdin(chunk)
-    except StdinNotWritable as exc:
-        raise bad_request("STDIN_NOT_WRITABLE", str(exc)) from None
     return web.Response(status=204)
 
 

@@ -1,7 +1,7 @@
 """``/api/v1/pty``: terminal sessions, and the websocket that drives them.
 
 Thin on purpose: validation and frame (de)coding here, everything with state in
-``engine/pty.py``. Wire format (``../shared/spec/tensorlake-api.md`` §7), all
+``engine/pty/``. Wire format (docs/terminals-and-tunnels.md), all
 frames binary, text frames ignored:
 
 * client → server: ``0x00`` + input bytes, ``0x01`` + cols (u16 BE) + rows
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hmac
 import json
 import logging
@@ -29,7 +28,7 @@ from typing import Annotated, Any
 from aiohttp import WSMsgType, web
 from pydantic import Field, field_validator
 
-from ..engine.pty import (
+from ..engine import (
     DEFAULT_COLS,
     DEFAULT_ROWS,
     Attachment,
@@ -39,10 +38,9 @@ from ..engine.pty import (
     PtyManager,
     PtySession,
     PtySettings,
-    TooManySessions,
 )
-from ..engine.spawn import SpawnError
 from . import models, processes
+from .error_map import engine_errors
 from .errors import ApiError, bad_request, not_found
 
 log = logging.getLogger(__name__)
@@ -83,6 +81,8 @@ async def lifespan(app: web.Application) -> AsyncIterator[None]:
         ingest_budget=table.ingest_budget,
         egress_budget=table.egress_budget,
         child_oom_score_adj=table.child_oom_score_adj,
+        # One owner for every stop of a tree, processes and terminals alike.
+        stops=table.stops,
     )
     app[MANAGER] = manager
     yield
@@ -173,7 +173,8 @@ class ResizeRequest(models.Strict):
 async def create_session(request: web.Request) -> web.Response:
     req = models.parse(CreatePtyRequest, await processes.read_json(request), FIELD_CODES)
     rows, cols = req.size()
-    try:
+    # The same answers as a process start (error_map.py).
+    with engine_errors():
         session = _manager(request).create(
             req.command,
             args=req.args or [],
@@ -182,13 +183,6 @@ async def create_session(request: web.Request) -> web.Response:
             rows=rows,
             cols=cols,
         )
-    except TooManySessions as exc:
-        raise ApiError(429, "TOO_MANY_SESSIONS", str(exc)) from None
-    except SpawnError as exc:
-        code = exc.code
-        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.E2BIG:
-            code = "ARGUMENT_LIST_TOO_LONG"  # what a process start answers (not SPAWN_FAILED)
-        raise ApiError(exc.status, code, exc.message) from None
     # The contract needs session_id and token; the rest is the session's info.
     return _json({**session.info(), "token": session.token}, status=201)
 

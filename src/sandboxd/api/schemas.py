@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine._state import ExitReason, ManagedStatus, ProcessStatus, RestartPolicy
+from ..engine import ExitReason, ManagedStatus, ProcessStatus, RestartPolicy
 
 # Epoch milliseconds, always an int: the SDK reads smaller numbers as seconds.
 EpochMs = int

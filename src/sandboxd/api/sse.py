@@ -1,4 +1,4 @@
-"""Server-sent events, written by hand (``design/python-stack.md`` §5).
+"""Server-sent events, written by hand.
 
 Every event ends with a blank line: the SDK drops an unterminated last event.
 Lines are coalesced into one write per wakeup, which is 20-40x faster than one
@@ -14,7 +14,7 @@ from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-
 
 from aiohttp import web
 
-from ..engine.output import STREAM_NAMES, LineRun
+from ..engine import STREAM_NAMES, LineRun
 
 KEEPALIVE = b": keep-alive\n\n"
 EOF_EVENT = b"event: eof\ndata: {}\n\n"

@@ -1,7 +1,7 @@
 """``/api/v1/tunnels/tcp?port=N``: a websocket relaying raw bytes to 127.0.0.1:N.
 
 The SDK's Rust ``CloudTcpTunnel`` opens one websocket per accepted local TCP
-connection (``../shared/spec/tensorlake-api.md`` §9). The daemon connects to
+connection (docs/terminals-and-tunnels.md). The daemon connects to
 the port *before* upgrading, so a refused connection is an HTTP error the
 client can report (502 ``CONNECTION_REFUSED``) rather than a websocket that
 opens and closes at once. This route is the only one allowed to answer 502:

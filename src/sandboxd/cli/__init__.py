@@ -1,9 +1,10 @@
 """The ``sandboxd`` command: ``serve`` runs the daemon, ``host`` the control plane, the rest drive one.
 
 Subcommands live one group per module (``serve``, ``system``, ``procs``,
-``run``, ``terminal``, ``files``); each module has ``register(sub, parent)``
-which adds its parsers and sets ``handler`` (an async function taking the
-namespace and a :class:`~.client.Client`) or, for ``serve``, ``run``.
+``run``, ``terminal``, ``files``, ``sbx``); each module has ``register(sub,
+parent)`` which adds its parsers and sets ``handler`` (an async function
+taking the namespace and a :class:`~.client.Client`) or, for ``serve``,
+``host`` and ``image``, ``run``.
 """
 
 from __future__ import annotations
@@ -11,23 +12,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
 
 from .. import __version__
-from . import files, host, image, procs, run, serve, system, terminal
+from . import files, host, hostapi, image, procs, run, sbx, serve, system, terminal
 from .client import Client, Target
-from .common import EXIT_INTERRUPTED, CliError, target_parser
+from .common import EXIT_INTERRUPTED, EXIT_USAGE, CliError, resolve_url, target_parser
 
 Handler = Callable[[argparse.Namespace, Client], Awaitable[int]]
 
 EPILOG = """\
-target and auth: --url/SANDBOXD_URL (default http://127.0.0.1:9501), --token/SANDBOXD_TOKEN
+target and auth: --url/SANDBOXD_URL (default http://127.0.0.1:9501, a daemon;
+  http://127.0.0.1:8900, a host, for sbx and --sandbox), --token/SANDBOXD_TOKEN,
+  --sandbox/SANDBOXD_SANDBOX (a host's sandbox, by id or name),
+  --namespace/SANDBOXD_NAMESPACE (default "default")
 exit codes: 0 ok, 1 the daemon refused (its message is printed), 2 usage,
   3 daemon unreachable, 4 unauthorized, 5 not found; run and pty exit with the
   process's own code (128+N when killed by signal N).
 """
+
+# The parser a command was parsed with, kept in the namespace so that an
+# unknown flag is reported with that subcommand's usage, not the top level's.
+USAGE_PARSER = "_usage_parser"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,28 +54,59 @@ def build_parser() -> argparse.ArgumentParser:
     parent = target_parser()
     for module in (system, procs, run, terminal, files):
         module.register(sub, parent)
+    sbx.register(sub, target_parser(sandbox=False))
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                child.set_defaults(**{USAGE_PARSER: child})
+                _remember_parsers(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        # Bare `sandboxd`: what there is to run, rather than a one-line complaint.
+        parser.print_help()
+        return EXIT_USAGE
+    ns, extras = parser.parse_known_args(args)
+    if extras:
+        owner: argparse.ArgumentParser = getattr(ns, USAGE_PARSER, parser)
+        owner.error(f"unrecognized arguments: {' '.join(extras)}")
     if ns.cmd in ("serve", "host", "image"):
         return int(ns.run(ns))
+    if getattr(ns, "handler", None) is None:
+        # A group without its command (`sandboxd sbx`): list what it has.
+        getattr(ns, USAGE_PARSER, parser).print_help()
+        return EXIT_USAGE
     return dispatch(ns)
 
 
 def dispatch(ns: argparse.Namespace) -> int:
     handler: Handler = ns.handler
+    named = getattr(ns, "sandbox", None)
+    target = Target(resolve_url(ns, host=ns.cmd == "sbx" or bool(named)), ns.token)
 
     async def go() -> int:
-        async with Client(Target(ns.url, ns.token)) as client:
+        nonlocal target
+        if named:
+            async with Client(target) as lifecycle:
+                sid = await hostapi.resolve(lifecycle, ns.namespace, named)
+            target = dataclasses.replace(target, sandbox_id=sid)
+        async with Client(target) as client:
             return await handler(ns, client)
 
     try:
         return asyncio.run(go())
     except CliError as exc:
-        sys.stderr.write(f"sandboxd {ns.cmd}: {exc.message}\n")
+        # "sandboxd sbx terminate: ...", not just "sandboxd sbx: ...".
+        prog = getattr(getattr(ns, USAGE_PARSER, None), "prog", f"sandboxd {ns.cmd}")
+        sys.stderr.write(f"{prog}: {exc.message}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

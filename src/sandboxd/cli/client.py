@@ -46,10 +46,16 @@ def selector(value: str | int) -> str:
     return quote(str(value), safe="")
 
 
+# The host's proxy sends a request carrying this header to that sandbox's daemon.
+SANDBOX_HEADER = "X-Tensorlake-Sandbox-Id"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     url: str
     token: str | None = None
+    # A sandbox of a `sandboxd host` (its id): every request goes through the proxy to it.
+    sandbox_id: str | None = None
 
     @property
     def base(self) -> str:
@@ -65,6 +71,8 @@ class Client:
         headers = {"User-Agent": USER_AGENT}
         if self.target.token:
             headers["Authorization"] = f"Bearer {self.target.token}"
+        if self.target.sandbox_id:
+            headers[SANDBOX_HEADER] = self.target.sandbox_id
         self._session = aiohttp.ClientSession(headers=headers, timeout=CALL_TIMEOUT)
         return self
 

@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:9501"
+# `sandboxd host`'s default port: where `sbx` and `--sandbox` go when no URL is given.
+DEFAULT_HOST_URL = "http://127.0.0.1:8900"
+DEFAULT_NAMESPACE = "default"
 
 # Exit codes of the client commands (``run`` and ``pty`` exit with the remote
 # process's own code instead; their own failures use 125-127, see run.py).
@@ -35,21 +38,45 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def target_parser() -> argparse.ArgumentParser:
-    """The options every client subcommand takes, as an argparse parent."""
+def target_parser(*, sandbox: bool = True) -> argparse.ArgumentParser:
+    """The options every client subcommand takes, as an argparse parent.
+
+    ``sandbox``: also ``--sandbox`` (a daemon command sent to one sandbox of a
+    host through its proxy); the ``sbx`` commands name their sandbox as an argument.
+    """
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
     g.add_argument(
         "--url",
-        default=os.environ.get("SANDBOXD_URL") or DEFAULT_URL,
-        help=f"daemon base URL [SANDBOXD_URL] (default {DEFAULT_URL})",
+        # None: filled in by resolve_url, which knows whether a host is meant.
+        default=os.environ.get("SANDBOXD_URL") or None,
+        help=f"daemon or host base URL [SANDBOXD_URL] (default {DEFAULT_URL}; "
+        f"{DEFAULT_HOST_URL} for sbx commands and with --sandbox)",
     )
     g.add_argument(
         "--token",
         default=os.environ.get("SANDBOXD_TOKEN") or None,
         help="bearer token [SANDBOXD_TOKEN]; prefer the variable, a flag is visible in ps",
     )
+    g.add_argument(
+        "--namespace",
+        default=os.environ.get("SANDBOXD_NAMESPACE") or DEFAULT_NAMESPACE,
+        help=f"the host's namespace [SANDBOXD_NAMESPACE] (default {DEFAULT_NAMESPACE})",
+    )
+    if sandbox:
+        g.add_argument(
+            "--sandbox",
+            metavar="ID|NAME",
+            default=os.environ.get("SANDBOXD_SANDBOX") or None,
+            help="send the command to this sandbox of a `sandboxd host` [SANDBOXD_SANDBOX]",
+        )
     return p
+
+
+def resolve_url(ns: argparse.Namespace, host: bool) -> str:
+    """``--url`` as given, else the default of what is addressed: a host or a daemon."""
+    url: str | None = ns.url
+    return url or (DEFAULT_HOST_URL if host else DEFAULT_URL)
 
 
 def add_json_flag(p: argparse.ArgumentParser, what: str = "print JSON instead of a table") -> None:

@@ -5,12 +5,14 @@ A path on the sandbox side starts with ``:`` (``:/etc/hostname``,
 local, and ``-`` is stdin or stdout. Files are streamed both ways: nothing is
 held in memory whole, and a download is written to a temporary file renamed
 into place at the end, so an interrupted copy never leaves half a file.
+Directories (``cp -r``) travel as one tar stream: see :mod:`.tree`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import email.utils
 import os
 import posixpath
 import sys
@@ -30,6 +32,7 @@ from .common import (
     print_table,
 )
 from .progress import Progress
+from .tree import download_tree, is_remote_dir, upload_tree
 
 CHUNK = 1 << 20
 FILES = "/api/v1/files"
@@ -42,13 +45,20 @@ def register(
     p = sub.add_parser(
         "cp",
         parents=[parent],
-        help="copy a file to or from the sandbox (:PATH is the sandbox side)",
-        description="Copy one file between here and the sandbox. Prefix the sandbox path with ':'. "
+        help="copy files to or from the sandbox (:PATH is the sandbox side)",
+        description="Copy a file, or with -r a directory, between here and the sandbox. "
+        "Prefix the sandbox path with ':'. "
         "Examples: `sandboxd cp ./app.tar.gz :/tmp/` uploads, `sandboxd cp :/etc/hostname .` "
-        "downloads, `-` is stdin or stdout.",
+        "downloads, `sandboxd cp -r ./src :/work` copies a tree, `-` is stdin or stdout.",
     )
     p.add_argument("source", metavar="SRC")
     p.add_argument("dest", metavar="DEST")
+    p.add_argument(
+        "-r",
+        "--recursive",
+        action="store_true",
+        help="copy directories (as one tar stream; symlinks are copied as links)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--progress",
@@ -65,8 +75,9 @@ def register(
     p = sub.add_parser(
         "ls",
         parents=[parent],
-        help="list a directory in the sandbox",
-        description="List a directory in the sandbox (default: the daemon's working directory).",
+        help="list a directory in the sandbox, or show a file",
+        description="List a directory in the sandbox (default: the daemon's working directory); "
+        "for a file, show that file's line.",
     )
     p.add_argument("path", nargs="?", default=".", metavar="PATH")
     add_json_flag(p)
@@ -87,31 +98,29 @@ async def cp(ns: argparse.Namespace, client: Client) -> int:
             EXIT_USAGE,
         )
     if dst_remote is not None:
-        await upload(client, ns.source, dst_remote, ns.progress)
+        if ns.recursive and ns.source != "-" and os.path.isdir(ns.source):
+            await upload_tree(client, ns.source, dst_remote, ns.progress)
+        else:
+            await upload(client, ns.source, dst_remote, ns.progress)
     else:
         assert src_remote is not None
-        await download(client, src_remote, ns.dest, ns.progress)
+        if ns.recursive and ns.dest != "-" and await is_remote_dir(client, src_remote):
+            await download_tree(client, src_remote, ns.dest, ns.progress)
+        else:
+            await download(client, src_remote, ns.dest, ns.progress)
     return EXIT_OK
 
 
 # --- upload ---
 
 
-async def _is_remote_dir(client: Client, path: str) -> bool:
-    try:
-        await client.call("GET", f"{FILES}/list", params={"path": path})
-    except ApiError:
-        return False  # missing, or a file: either way the path names the file to write
-    return True
-
-
 async def upload(client: Client, src: str, dest: str, progress_mode: str | None) -> None:
     if src != "-":
         if os.path.isdir(src):
-            raise CliError(f"{src} is a directory; cp copies one file", EXIT_USAGE)
+            raise CliError(f"{src} is a directory; copy it with cp -r", EXIT_USAGE)
         if not os.path.exists(src):
             raise CliError(f"{src}: no such file", EXIT_USAGE)
-        if dest.endswith("/") or await _is_remote_dir(client, dest):
+        if dest.endswith("/") or await is_remote_dir(client, dest):
             dest = posixpath.join(dest, os.path.basename(src))
     elif dest.endswith("/"):
         raise CliError(
@@ -188,7 +197,12 @@ async def _save(chunks: AsyncIterator[bytes], dest: str, bar: Progress) -> None:
 
 
 async def ls(ns: argparse.Namespace, client: Client) -> int:
-    body: dict[str, Any] = await client.call("GET", f"{FILES}/list", params={"path": ns.path})
+    try:
+        body: dict[str, Any] = await client.call("GET", f"{FILES}/list", params={"path": ns.path})
+    except ApiError as exc:
+        if exc.code != "NOT_A_DIRECTORY":
+            raise
+        body = await _file_entry(client, ns.path)
     entries = body.get("entries", [])
     if ns.json:
         print_json(body)
@@ -207,3 +221,16 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
         )
     print_table(("TYPE", "SIZE", "MODIFIED", "NAME"), rows)
     return EXIT_OK
+
+
+async def _file_entry(client: Client, path: str) -> dict[str, Any]:
+    """``ls FILE``: the file's own line, in the shape of a listing of one entry."""
+    async with client.request("HEAD", FILES, params={"path": path}) as resp:
+        size = resp.content_length
+        modified = resp.headers.get("Last-Modified")
+    modified_ms = None
+    if modified:
+        with contextlib.suppress(TypeError, ValueError):
+            modified_ms = int(email.utils.parsedate_to_datetime(modified).timestamp() * 1000)
+    entry = {"name": path, "is_dir": False, "size": size, "modified_at": modified_ms}
+    return {"path": path, "entries": [entry]}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help="the image store [SANDBOXD_HOST_IMAGES] (default STATE_DIR/images); "
         "fill it with `sandboxd image build`",
     )
+    # issue 17: a first start on an empty store builds the default image.
+    p.add_argument(
+        "--no-build-default",
+        action="store_true",
+        help="do not build the default image at start when the image store is empty",
+    )
     p.add_argument(
         "--token",
         default=env("SANDBOXD_HOST_TOKEN"),
@@ -97,6 +105,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         "untouched [SANDBOXD_HOST_NO_NET=1]",
     )
     p.add_argument(
+        "--runtime",
+        default=env("SANDBOXD_HOST_RUNTIME", "bwrap"),
+        choices=("bwrap", "gvisor"),
+        help="what new sandboxes run under: bubblewrap, or gVisor's runsc for untrusted code "
+        "(docs/gvisor.md) [SANDBOXD_HOST_RUNTIME] (default bwrap)",
+    )
+    p.add_argument(
+        "--allow-nested-userns",
+        action="store_true",
+        default=env("SANDBOXD_HOST_ALLOW_NESTED_USERNS", "0") not in ("0", "false", "no"),
+        help="let root in a sandbox make user and network namespaces of its own (podman, "
+        "bwrap inside); this opens nf_tables and clone3 to it: trusted code or gVisor only "
+        "(SECURITY.md) [SANDBOXD_HOST_ALLOW_NESTED_USERNS=1]",
+    )
+    p.add_argument(
         "--log-level",
         default=env("SANDBOXD_LOG_LEVEL", "info"),
         choices=("debug", "info", "warning", "error"),
@@ -104,6 +127,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     )
     p.set_defaults(run=run)
     return p
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The control plane's listening socket, or SystemExit with one line saying why not."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SystemExit(f"sandboxd host: cannot listen on {host}: {exc.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            " (another process uses it: pick another --port)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise SystemExit(
+            f"sandboxd host: cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+        ) from None
+    sock.setblocking(False)
+    return sock
 
 
 async def serve(
@@ -114,20 +163,56 @@ async def serve(
     token: str | None = None,
     images: Path | None = None,
     net: NetConfig | None = None,
+    sandbox_runtime: str = "bwrap",
+    build_default: bool = True,
+    nested_userns: bool = False,
 ) -> None:
+    from ..edge import harden
+    from ..host import gvisor
     from ..host.app import create_app
     from ..host.manager import Manager, untraversable
     from ..host.runtime import bwrap_available
 
     problem = bwrap_available() or untraversable(state_dir)
+    if problem is None and sandbox_runtime == "gvisor":
+        problem = gvisor.available(state_dir)
     if problem is not None:
         raise SystemExit(f"sandboxd host: {problem}")
-    manager = Manager(state_dir, warm=max(0, warm), images_dir=images, net=net)
-    app = create_app(manager, token=token or None)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    # The port first: a host that cannot listen says so in one line before it
+    # has mounted, created or started anything it would have to undo.
+    sock = listen(host, port)
+    if build_default:  # issue 17: the first create works without a separate step
+        from ..host.images import ImageError, build_default_if_empty
+
+        try:
+            await asyncio.to_thread(build_default_if_empty, images or state_dir / "images", 2)
+        except ImageError as exc:
+            sock.close()
+            raise SystemExit(f"sandboxd host: {exc} (--no-build-default skips this)") from None
+    try:
+        manager = Manager(
+            state_dir,
+            warm=max(0, warm),
+            images_dir=images,
+            net=net,
+            sandbox_runtime=sandbox_runtime,
+            nested_userns=nested_userns,
+        )
+        app = create_app(manager, token=token or None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        # Runs the manager's recovery (mounts, records); cleanup undoes it.
+        await runner.setup()
+        # The shared edge's connection cap, idle/header timeout, JSON protocol errors.
+        harden(runner)
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
     log.info("sandboxd host listening on http://%s:%d (state in %s)", host, port, state_dir)
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
@@ -160,7 +245,16 @@ def run(ns: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             serve(
-                ns.host, int(ns.port), ns.state_dir, int(ns.warm), token, images=ns.images, net=net
+                ns.host,
+                int(ns.port),
+                ns.state_dir,
+                int(ns.warm),
+                token,
+                images=ns.images,
+                net=net,
+                sandbox_runtime=ns.runtime,
+                build_default=not ns.no_build_default,
+                nested_userns=ns.allow_nested_userns,
             )
         )
     return 0

@@ -1,23 +1,26 @@
-"""``sandboxd image``: the self-hosted host's image store (build, import, list, rm).
+"""``sandboxd image``: the self-hosted host's image store.
 
 Runs where ``sandboxd host`` runs, as root, on the same ``--images`` dir (default
 ``/var/lib/sandboxd-host/images``, the default state dir's). A sandbox names its
 image in ``Sandbox.create(image=NAME)``; ``default`` (also ``python``,
 ``tensorlake/ubuntu-minimal`` and ``tensorlake/debian-minimal``) is the one
-sandboxes get when they name none.
+sandboxes get when they name none. See docs/images.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from ..config import env
 
 DEFAULT_IMAGES = "/var/lib/sandboxd-host/images"
+DEFAULT_STATE_DIR = "/var/lib/sandboxd-host"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -26,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     p = sub.add_parser(
         "image",
         help="manage the self-hosted host's images (root filesystems for sandboxes)",
-        description="Build, import, list and remove the images `sandboxd host` starts sandboxes from.",
+        description="Build, pull, import, list, remove and prune the images "
+        "`sandboxd host` starts sandboxes from.",
     )
     p.add_argument(
         "--images",
@@ -36,8 +40,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help=f"the image store [SANDBOXD_HOST_IMAGES] (default {DEFAULT_IMAGES})",
     )
     isub = p.add_subparsers(dest="image_cmd", required=True, metavar="ACTION")
-    b = isub.add_parser("build", help="build an image from the Debian archive with mmdebstrap")
+    b = isub.add_parser(
+        "build",
+        help="build an image from the Debian archive with mmdebstrap, or from a Dockerfile "
+        "with buildah (--dockerfile)",
+    )
     b.add_argument("name", nargs="?", default=images.DEFAULT_IMAGE)
+    b.add_argument("context", nargs="?", type=Path, help="the Dockerfile's build context dir")
+    b.add_argument(
+        "--dockerfile", type=Path, metavar="PATH", help="build from this Dockerfile (buildah)"
+    )
+    b.add_argument(
+        "--build-arg", action="append", default=[], metavar="K=V", help="a Dockerfile ARG value"
+    )
+    b.add_argument(
+        "--registry-auth",
+        type=Path,
+        default=env("SANDBOXD_REGISTRY_AUTH", None),
+        metavar="FILE",
+        help="a Docker config file for registry FROM images [SANDBOXD_REGISTRY_AUTH]",
+    )
     b.add_argument(
         "--include",
         default=",".join(images.DEFAULT_PACKAGES),
@@ -50,41 +72,94 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     b.add_argument(
         "--if-missing", action="store_true", help="do nothing if the image already exists"
     )
-    i = isub.add_parser("import", help="import a root filesystem tree (e.g. from umoci unpack)")
+    pl = isub.add_parser(
+        "pull", help="fetch an image from a registry (REGISTRY[:PORT]/REPO[:TAG]) with skopeo"
+    )
+    pl.add_argument("ref")
+    pl.add_argument(
+        "--registry-auth",
+        type=Path,
+        default=env("SANDBOXD_REGISTRY_AUTH", None),
+        metavar="FILE",
+        help="a Docker config file with the registry's credentials [SANDBOXD_REGISTRY_AUTH]",
+    )
+    i = isub.add_parser(
+        "import",
+        help="import a root filesystem dir, a `docker save` tarball or an OCI layout dir[:TAG]",
+    )
     i.add_argument("name")
-    i.add_argument("rootfs", type=Path)
-    isub.add_parser("list", help="list the images")
+    i.add_argument("path", type=Path)
+    isub.add_parser("list", help="list the images (one JSON object a line)")
     r = isub.add_parser("rm", help="remove an image")
     r.add_argument("name")
+    pr = isub.add_parser(
+        "prune",
+        help="remove images no live sandbox, snapshot or pool uses (never the default), "
+        "and leftovers of interrupted pulls",
+    )
+    pr.add_argument(
+        "--state-dir",
+        type=Path,
+        default=env("SANDBOXD_HOST_STATE_DIR", DEFAULT_STATE_DIR),
+        metavar="DIR",
+        help="the host's state dir, whose records say what is in use "
+        f"[SANDBOXD_HOST_STATE_DIR] (default {DEFAULT_STATE_DIR})",
+    )
+    pr.add_argument("--dry-run", action="store_true", help="only say what would go")
     p.set_defaults(run=run)
     return p
 
 
-def run(ns: argparse.Namespace) -> int:
-    from ..host.images import ImageError, ImageStore
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # A SIGTERM unwinds like Ctrl-C: the temporary dir of a pull is removed.
+    raise KeyboardInterrupt
 
+
+def run(ns: argparse.Namespace) -> int:
+    from ..host.image_use import names_in_use
+    from ..host.images import DEFAULT_IMAGE, ImageError, ImageStore
+
+    signal.signal(signal.SIGTERM, _interrupt)
     store = ImageStore(ns.images)
+    err = sys.stderr.fileno()
+    t0 = time.monotonic()
     try:
         if ns.image_cmd == "build":
             if ns.if_missing and store.get(ns.name) is not None:
                 print(f"image {ns.name} exists in {ns.images}")
                 return 0
-            pkgs = tuple(p for p in ns.include.split(",") if p)
-            t0 = time.monotonic()
-            img = store.build(ns.name, pkgs, ns.suite, ns.mirror, log=sys.stderr.fileno())
+            if ns.dockerfile is not None:
+                from ..host.dockerfile import Builder
+
+                context = ns.context or ns.dockerfile.parent
+                img = Builder(store).build(
+                    ns.name, ns.dockerfile, context, ns.build_arg, err, ns.registry_auth
+                )
+            else:
+                pkgs = tuple(p for p in ns.include.split(",") if p)
+                img = store.build(ns.name, pkgs, ns.suite, ns.mirror, log=err)
             print(f"built image {img.name} in {time.monotonic() - t0:.1f} s: {img.rootfs}")
+        elif ns.image_cmd == "pull":
+            img = store.pull(ns.ref, log=err, authfile=ns.registry_auth)
+            print(f"pulled image {img.name} in {time.monotonic() - t0:.1f} s: {img.rootfs}")
         elif ns.image_cmd == "import":
-            img = store.import_tree(ns.name, ns.rootfs)
+            img = store.import_path(ns.name, ns.path, log=err)
             print(f"imported image {img.name}: {img.rootfs}")
         elif ns.image_cmd == "list":
-            for name in store.names():
-                found = store.get(name)
-                if found is not None:
-                    print(json.dumps(found.describe()))
-        elif ns.image_cmd == "rm" and not store.remove(ns.name):
-            sys.stderr.write(f"sandboxd image: no image {ns.name!r}\n")
-            return 1
+            for found in store.all():
+                print(json.dumps(found.describe()))
+        elif ns.image_cmd == "rm":
+            if not store.remove(ns.name):
+                sys.stderr.write(f"sandboxd image: {store.missing_hint(ns.name)}\n")
+                return 1
+        elif ns.image_cmd == "prune":
+            keep = names_in_use(ns.state_dir) | {DEFAULT_IMAGE}
+            for name in store.prune(keep, dry_run=ns.dry_run):
+                print(("would remove " if ns.dry_run else "removed ") + name)
     except ImageError as exc:
-        sys.stderr.write(f"sandboxd image: {exc}\n")
+        sys.stderr.write(f"sandboxd image: [{exc.code}] {exc}\n")
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("sandboxd image: interrupted; nothing was stored\n")
+        return 130
     return 0

@@ -1,7 +1,9 @@
-"""A one-line progress bar on stderr for long transfers."""
+"""A one-line progress bar on stderr for long transfers, as wide as the terminal allows."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from typing import TextIO
@@ -12,6 +14,27 @@ from .common import human_bytes
 AUTO_THRESHOLD = 1 << 20
 REDRAW_S = 0.1
 BAR_WIDTH = 24
+MIN_BAR = 5  # narrower than this, the bar is left out
+MIN_LABEL = 12  # the bar shrinks before the label is cut below this
+DEFAULT_COLUMNS = 80
+
+
+def columns(stream: TextIO) -> int:
+    """The width to draw in: ``COLUMNS`` when set, else the terminal's, else 80."""
+    with contextlib.suppress(ValueError):
+        env = int(os.environ.get("COLUMNS", ""))
+        if env > 0:
+            return env
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.get_terminal_size(stream.fileno()).columns
+    return DEFAULT_COLUMNS
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` cut from the left to ``width`` (a path's end says most)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1 :] if width > 1 else ""
 
 
 class Progress:
@@ -54,16 +77,31 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
-    def _draw(self, now: float) -> None:
+    def line(self, now: float, width: int) -> str:
+        """The bar's text, at most ``width - 1`` characters (the last column would wrap)."""
+        room = width - 1
         elapsed = max(now - self._t0, 1e-6)
         rate = f"{human_bytes(self.done / elapsed)}/s"
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            filled = int(frac * BAR_WIDTH)
-            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-            line = f"{self.label} {frac * 100:5.1f}% [{bar}] {human_bytes(self.done)}/{human_bytes(self.total)} {rate}"
-        else:
-            line = f"{self.label} {human_bytes(self.done)} {rate}"
+        if not self.total:
+            stats = f" {human_bytes(self.done)} {rate}"
+            return (shorten(self.label, room - len(stats)) + stats)[:room]
+        frac = min(self.done / self.total, 1.0)
+        pct = f" {frac * 100:5.1f}%"
+        sizes = f" {human_bytes(self.done)}/{human_bytes(self.total)}"
+        if len(pct) + len(sizes) + len(rate) + 1 + MIN_BAR + 3 <= room:
+            sizes += " " + rate  # the rate goes first when there is no room
+        # " [" + bar + "]" costs 3 more than the bar; the label keeps MIN_LABEL first.
+        bar_width = min(
+            BAR_WIDTH, room - len(pct) - len(sizes) - 3 - min(len(self.label), MIN_LABEL)
+        )
+        bar = ""
+        if bar_width >= MIN_BAR:
+            filled = int(frac * bar_width)
+            bar = " [" + "#" * filled + "-" * (bar_width - filled) + "]"
+        label = shorten(self.label, room - len(pct) - len(bar) - len(sizes))
+        return (label + pct + bar + sizes)[:room]
+
+    def _draw(self, now: float) -> None:
         # \r and clear-to-end-of-line: redraw in place.
-        self.stream.write("\r" + line + "\x1b[K")
+        self.stream.write("\r" + self.line(now, columns(self.stream)) + "\x1b[K")
         self.stream.flush()

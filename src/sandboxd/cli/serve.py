@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +26,7 @@ from aiohttp import web
 from .. import __version__
 from ..api.server import json_errors
 from ..config import Settings, env, parse_size
-from ..engine.table import EngineSettings
+from ..engine import EngineSettings
 
 log = logging.getLogger("sandboxd")
 
@@ -101,6 +104,15 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "listen on this unix socket instead of TCP (how `sandboxd host` reaches a sandbox)",
         metavar="PATH",
+    ),
+    Option(
+        "--listen-fd",
+        "SANDBOXD_LISTEN_FD",
+        None,
+        "serve on this inherited, already listening socket (how `sandboxd host` hands a "
+        "sandbox's daemon the socket it made where the sandbox cannot reach)",
+        int,
+        metavar="FD",
     ),
     Option(
         "--token",
@@ -261,7 +273,7 @@ class EnvOnly:
 
 def env_only_settings() -> tuple[EnvOnly, ...]:
     # Read from the PTY engine so a renamed variable fails here, not silently in the docs.
-    from ..engine.pty import IDLE_ENV, RETENTION_ENV, PtySettings
+    from ..engine import IDLE_ENV, RETENTION_ENV, PtySettings
 
     d = PtySettings()
     return (
@@ -315,6 +327,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
                 metavar=opt.metavar,
                 help=_help(opt),
             )
+    p.add_argument(
+        "entrypoint",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ARGS",
+        help="a process to start once the daemon listens (like a container's entrypoint): "
+        "an ordinary process, captured, listed and killable like any other",
+    )
     p.set_defaults(run=run)
     return p
 
@@ -335,7 +354,7 @@ def config_table() -> str:
 
 def build_settings(ns: argparse.Namespace) -> Settings:
     if ns.default_user:
-        from ..engine.spawn import SpawnError, resolve_user
+        from ..engine import SpawnError, resolve_user
 
         try:
             resolve_user(ns.default_user)
@@ -363,13 +382,49 @@ def build_settings(ns: argparse.Namespace) -> Settings:
         host=ns.host,
         port=ns.port,
         unix=ns.unix or None,
+        listen_fd=ns.listen_fd,
+        entrypoint=ns.entrypoint[1:] if ns.entrypoint[:1] == ["--"] else ns.entrypoint,
         token=ns.token or None,
         log_format=ns.log_format,
         engine=engine,
     )
 
 
+# Exit status of ``sandboxd serve`` when it cannot listen where it was told to
+# (address in use, not permitted, no such address): nothing ran, nothing is left.
+EXIT_CANNOT_LISTEN = 2
+
+
+class CannotListen(Exception):
+    """The daemon could not bind its address; the message is the one line printed."""
+
+
 async def serve(settings: Settings) -> None:
+    """The daemon's whole life, start-up and shutdown in order.
+
+    Start-up:
+
+    1. ``create_app``: routes and middlewares; nothing runs yet.
+    2. ``runner.setup()``: the application's cleanup contexts enter in order:
+       the process table (subreaper, cgroups, SIGCHLD), then files, PTY
+       sessions and tunnels, which share the table's cgroups and stops.
+    3. Listen. A failure here (address in use...) closes everything from step 2
+       again and is :class:`CannotListen`: one line, exit status
+       :data:`EXIT_CANNOT_LISTEN`.
+    4. Wait for SIGTERM or SIGINT.
+
+    Shutdown (``runner.cleanup()``):
+
+    5. Stop listening.
+    6. ``on_shutdown``, before open requests are waited for: websockets
+       (PTY, tunnels) are closed, then :func:`_end_streams` ends supervision
+       and stops every tree (or leaves them, ``--on-shutdown leave``), so
+       follow and run streams end with their last lines.
+    7. Open requests get :data:`SHUTDOWN_TIMEOUT_S` to finish, then are cancelled;
+       a cancelled request never cancels a stop (the engine owns stops).
+    8. The cleanup contexts exit in reverse order: tunnels, PTY sessions, files,
+       then the process table, which kills what is left and removes its cgroups.
+    """
     from ..api.app import create_app
 
     app = create_app(settings)
@@ -384,24 +439,19 @@ async def serve(settings: Settings) -> None:
         keepalive_timeout=settings.idle_timeout_s,
     )
     await runner.setup()
-    json_errors(runner)  # even requests aiohttp rejects itself get a JSON error body
-    site: web.BaseSite
-    if settings.unix:
-        # A stale socket from a previous run would make bind fail.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(settings.unix)
-        site = web.UnixSite(runner, settings.unix)
-        where = f"unix:{settings.unix}"
-    else:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-        where = f"http://{settings.host}:{settings.port}"
-    await site.start()
+    try:
+        where = await _listen(runner, settings)
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(_listen_problem(settings, exc)) from None
     log.info(
         "sandboxd %s listening on %s%s",
         __version__,
         where,
         " (bearer token required)" if settings.token else "",
     )
+    if settings.entrypoint:
+        _start_entrypoint(app, settings.entrypoint)
     if os.getpid() == 1:
         # As a container's init: the kernel gives PID 1 no default signal
         # actions, so only the handlers below make SIGTERM/SIGINT work, and every
@@ -414,9 +464,68 @@ async def serve(settings: Settings) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: closing connections and killing every process tree")
+        log.info("shutting down: closing connections and stopping every process tree")
         await runner.cleanup()
         log.info("stopped")
+
+
+def _start_entrypoint(app: web.Application, argv: list[str]) -> None:
+    """``serve -- CMD ARGS``: CMD as an ordinary process, as if a client had started it.
+
+    One that cannot start is logged with the reason and the daemon serves on
+    (a client can see that no such process exists, and start another).
+    """
+    from ..api.models import StartProcessRequest, to_spawn_spec
+    from ..api.processes import TABLE
+    from ..engine import SpawnError
+
+    try:
+        req = StartProcessRequest(command=argv[0], args=argv[1:])
+        proc = app[TABLE].start(to_spawn_spec(req))
+    except (SpawnError, ValueError) as exc:
+        log.error("the entrypoint %r could not start: %s", argv, exc)
+        return
+    log.info("entrypoint %r started as pid %d", argv, proc.pid)
+
+
+async def _listen(runner: web.AppRunner, settings: Settings) -> str:
+    """Start the one site the settings ask for; where it listens, for the log."""
+    json_errors(runner)  # even requests aiohttp rejects itself get a JSON error body
+    site: web.BaseSite
+    if settings.listen_fd is not None:
+        sock = socket.socket(fileno=settings.listen_fd)
+        site = web.SockSite(runner, sock)
+        where = f"fd:{settings.listen_fd} ({sock.getsockname() or 'unnamed'})"
+    elif settings.unix:
+        # A stale socket from a previous run would make bind fail.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(settings.unix)
+        site = web.UnixSite(runner, settings.unix)
+        where = f"unix:{settings.unix}"
+    else:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+        where = f"http://{settings.host}:{settings.port}"
+    await site.start()
+    return where
+
+
+def _listen_problem(settings: Settings, exc: OSError) -> str:
+    if settings.listen_fd is not None:
+        where = f"inherited socket fd {settings.listen_fd}"
+    elif settings.unix:
+        where = f"unix socket {settings.unix}"
+    else:
+        where = f"{settings.host}:{settings.port}"
+    reason = (exc.strerror or str(exc)).lower()
+    hint = ""
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the address is already in use"
+        hint = "; stop what listens there or choose another with --port"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = "; --host must be an address of this machine"
+    elif exc.errno == errno.EACCES:
+        hint = "; ports below 1024 need privileges"
+    return f"cannot listen on {where}: {reason}{hint}"
 
 
 async def _end_streams(app: web.Application) -> None:
@@ -454,6 +563,10 @@ def run(ns: argparse.Namespace) -> int:
     # not inherit the daemon's credential.
     os.environ.pop("SANDBOXD_TOKEN", None)
     setup_logging(ns.log_level, ns.log_format, secrets=[settings.token])
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings))
+    except CannotListen as exc:
+        print(f"sandboxd serve: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
     return 0

@@ -33,14 +33,16 @@ A spawned process moves through three phases::
 ``SETTLED`` is about output, not the process: followers send ``eof`` only once
 the main process is reaped *and* its pipes reached EOF, or a bounded grace has
 passed after the exit (a background grandchild may hold the pipe open forever;
-see complaint 5 in ``design/anchors.md``).
+a complaint users have of other daemons).
 
 A start that never produced a process is not a state here: it is answered with
 a 4xx error and no record exists (``failed to start``).
 
 Managed processes (a supervisor around successive incarnations) have their own
-state set, :class:`ManagedStatus`, with the same shape: the supervisor asks
-:func:`restart_decision` what to do after each exit and records the answer.
+state set, :class:`ManagedStatus`: the supervisor asks :func:`restart_decision`
+what to do after each exit and records the answer. Which status may follow
+which is not decided here: every status write goes through the transition
+tables of ``states.py``.
 """
 
 from __future__ import annotations
@@ -50,14 +52,22 @@ import os
 import signal as _signal
 from dataclasses import dataclass
 
+# The statuses and their transition tables live in states.py; re-exported here
+# because exit classification and restart decisions speak in them.
+from .states import ManagedStatus, ProcessStatus
 
-class ProcessStatus(enum.StrEnum):
-    """The wire's ``ProcessInfo.status``."""
-
-    RUNNING = "running"
-    EXITED = "exited"
-    SIGNALED = "signaled"
-    OOM_KILLED = "oom_killed"
+__all__ = [
+    "ExitInfo",
+    "ExitReason",
+    "ManagedStatus",
+    "ProcessStatus",
+    "RestartDecision",
+    "RestartPolicy",
+    "classify_exit",
+    "describe_exit",
+    "is_failure",
+    "restart_decision",
+]
 
 
 class ExitReason(enum.StrEnum):
@@ -117,15 +127,6 @@ def classify_exit(
 
 
 # --- Managed processes -------------------------------------------------------
-
-
-class ManagedStatus(enum.StrEnum):
-    """The wire's ``managed.status``."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKING_OFF = "backing_off"
-    STOPPED = "stopped"
 
 
 class RestartPolicy(enum.StrEnum):

@@ -26,23 +26,20 @@ import contextlib
 import errno
 import logging
 import os
-import signal
-from dataclasses import dataclass, field
 from pathlib import Path
+
+# The filesystem helpers live in cgroupfs.py; the old private names stay for
+# callers that have not moved to the public module yet.
+from .cgroupfs import find_mounts as _find_mounts
+from .cgroupfs import kill_dir as _kill_dir
+from .cgroupfs import own_dir as _own_dir
+from .cgroupfs import own_paths as _own_paths
+from .cgroupfs import read as _read
+from .cgroupfs import write as _write
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _read(path: Path) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
 
 
 def _mem_total() -> int:
@@ -61,59 +58,6 @@ def _counter(text: str, key: str) -> int:
         if name == key:
             return int(value)
     return 0
-
-
-@dataclass(slots=True)
-class _Mounts:
-    v1: dict[str, Path] = field(default_factory=dict)  # controller -> mount point
-    v2: Path | None = None
-
-
-def _find_mounts() -> _Mounts:
-    mounts = _Mounts()
-    try:
-        text = _read(Path("/proc/self/mounts"))
-    except OSError:
-        return mounts
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 4:
-            continue
-        mnt, fstype, opts = Path(parts[1]), parts[2], parts[3].split(",")
-        if fstype == "cgroup2" and mounts.v2 is None:
-            mounts.v2 = mnt
-        elif fstype == "cgroup":
-            for ctrl in ("memory", "pids", "cpu"):
-                if ctrl in opts:
-                    mounts.v1.setdefault(ctrl, mnt)
-    return mounts
-
-
-def _own_paths() -> tuple[dict[str, str], str | None]:
-    v1: dict[str, str] = {}
-    v2: str | None = None
-    try:
-        text = _read(Path("/proc/self/cgroup"))
-    except OSError:
-        return v1, v2
-    for line in text.splitlines():
-        hid, _, rest = line.partition(":")
-        ctrls, _, path = rest.partition(":")
-        if hid == "0" and ctrls == "":
-            v2 = path
-        for ctrl in ctrls.split(","):
-            if ctrl in ("memory", "pids", "cpu"):
-                v1[ctrl] = path
-    return v1, v2
-
-
-def _own_dir(mount: Path, path: str) -> Path | None:
-    candidate = mount / path.lstrip("/")
-    if candidate.is_dir():
-        return candidate
-    # Inside a cgroup namespace the listed path may not match the mount; the
-    # mount root is then our own cgroup.
-    return mount if mount.is_dir() else None
 
 
 class CgroupLayout:
@@ -461,17 +405,3 @@ def _remove_stale_parents(base: Path) -> None:
                 child.rmdir()
         with contextlib.suppress(OSError):
             parent.rmdir()
-
-
-def _kill_dir(d: Path, rounds: int = 20) -> None:
-    """Sweep-kill a cgroup without ``cgroup.kill``; forks racing it are caught by later rounds."""
-    for _ in range(rounds):
-        try:
-            pids = [int(p) for p in _read(d / "cgroup.procs").split()]
-        except (OSError, ValueError):
-            return
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)

@@ -50,10 +50,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._state import ExitInfo, ManagedStatus, RestartPolicy, describe_exit, restart_decision
+from ._state import ExitInfo, RestartPolicy, describe_exit, restart_decision
 from .health import HealthCheckConfig, probe
 from .process import Process, now_ms
 from .spawn import SpawnError
+from .states import HEALTH, MANAGED, HealthStatus, ManagedStatus, advance
+from .stopping import Stop
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +91,10 @@ class Supervisor:
         self.health_check = health_check
         self.stop_grace_s = stop_grace_s
         self._spawn = spawn
-        self.status = ManagedStatus.STARTING
+        # Written only through _set_status/_set_health (the tables of states.py).
+        self.status = MANAGED.initial
         self.restart_count = 0
-        self.health_status = "disabled" if health_check is None else "starting"
+        self.health_status = HealthStatus.DISABLED if health_check is None else HEALTH.initial
         self.consecutive_health_failures = 0
         self.last_exit: ExitInfo | None = None
         self.last_error: str | None = None
@@ -126,10 +129,18 @@ class Supervisor:
         for fut in self._restart_waiters:
             if not fut.done():
                 fut.set_exception(SupervisionStopped(f"{self.label} is shutting down"))
+        if self.live:
+            self._stop(None)
 
     @property
     def label(self) -> str:
         return f"managed process {self.name!r}" if self.name else f"managed process {self.id}"
+
+    def _set_status(self, new: ManagedStatus) -> None:
+        self.status = advance(MANAGED, self.status, new)
+
+    def _set_health(self, new: HealthStatus) -> None:
+        self.health_status = advance(HEALTH, self.health_status, new)
 
     @property
     def live(self) -> bool:
@@ -140,8 +151,11 @@ class Supervisor:
     def _start_incarnation(self) -> Process:
         proc = self._spawn(self)
         self.current = proc
-        self.status = ManagedStatus.RUNNING if self.health_check is None else ManagedStatus.STARTING
-        self.health_status = "disabled" if self.health_check is None else "starting"
+        if self.health_check is None:
+            self._set_status(ManagedStatus.RUNNING)
+        else:
+            self._set_status(ManagedStatus.STARTING)
+            self._set_health(HealthStatus.STARTING)
         self.consecutive_health_failures = 0
         self.next_restart_at = None
         if self.health_check is not None:
@@ -158,7 +172,9 @@ class Supervisor:
         while True:
             proc = self.current
             assert proc is not None
-            exit_info = await proc.exited
+            # Shielded: this task is cancelled at shutdown, and the exit future
+            # is shared (cancelling it would fail every other waiter).
+            exit_info = await asyncio.shield(proc.exited)
             if self._health_task is not None:
                 self._health_task.cancel()
                 self._health_task = None
@@ -193,7 +209,7 @@ class Supervisor:
         """Back off, then start the next incarnation; False once supervision ends."""
         while True:
             if delay_ms > 0:
-                self.status = ManagedStatus.BACKING_OFF
+                self._set_status(ManagedStatus.BACKING_OFF)
                 self.next_restart_at = now_ms() + delay_ms
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -221,7 +237,7 @@ class Supervisor:
                 delay_ms = max(MIN_BACKOFF_MS, delay_ms)
 
     def _stop(self, reason: str | None) -> None:
-        self.status = ManagedStatus.STOPPED
+        self._set_status(ManagedStatus.STOPPED)
         self.next_restart_at = None
         if reason is not None:
             self.last_error = reason
@@ -238,18 +254,22 @@ class Supervisor:
                 return
             if problem is None:
                 self.consecutive_health_failures = 0
-                self.health_status = "healthy"
+                if self.health_status is not HealthStatus.HEALTHY:
+                    self._set_health(HealthStatus.HEALTHY)
                 if self.status is ManagedStatus.STARTING:
-                    self.status = ManagedStatus.RUNNING
+                    self._set_status(ManagedStatus.RUNNING)
             else:
                 self.consecutive_health_failures += 1
                 if self.consecutive_health_failures >= check.failure_threshold:
-                    self.health_status = "unhealthy"
+                    if self.health_status is not HealthStatus.UNHEALTHY:
+                        self._set_health(HealthStatus.UNHEALTHY)
                     self.last_error = (
                         f"health check failed {self.consecutive_health_failures} times: {problem}"
                     )
                     if self.restart.policy is not RestartPolicy.NEVER:
-                        await proc.terminate(self.stop_grace_s)
+                        # The engine owns the stop; the supervision loop restarts
+                        # once the exit comes in, whatever happens to this task.
+                        proc.stop(self.stop_grace_s)
                         return
             await asyncio.sleep(check.interval_ms / 1000)
 
@@ -269,21 +289,38 @@ class Supervisor:
             self._start_incarnation()
             self._task = asyncio.create_task(self._supervise(), name=f"supervisor {self.id}")
         elif proc is not None and proc.running:
+            # The stop is the engine's: a caller that gives up waiting leaves it
+            # (and the restart the supervision loop does after it) to complete.
             self._restart_requested = True
-            await proc.terminate(self.stop_grace_s)
+            proc.stop(self.stop_grace_s)
         else:
             self._restart_requested = True
             self._wake.set()
-        return await fut
+        return await asyncio.shield(fut)
 
-    async def delete(self, grace_s: float | None = None) -> None:
-        """Stop supervision for good, then terminate the current incarnation."""
+    def delete(self, grace_s: float | None = None) -> Stop | None:
+        """Stop supervision for good and start stopping the current incarnation.
+
+        Everything that must happen happens here or in tasks the engine owns:
+        no incarnation is started again from this call on, and the stop (SIGTERM,
+        grace, SIGKILL) runs whether or not anyone waits for it. Returns that
+        stop (None when nothing runs) for :meth:`wait_deleted`.
+        """
         self.deleted = True
         self._wake.set()
         proc = self.current
-        if proc is not None and (proc.running or not proc.output.settled):
-            await proc.terminate(self.stop_grace_s if grace_s is None else grace_s)
+        stop = None
+        if proc is not None and not proc.tree_gone():
+            stop = proc.stop(self.stop_grace_s if grace_s is None else grace_s)
+        if (self._task is None or self._task.done()) and self.live:
+            self._stop(None)  # no loop left to notice the deletion
+        return stop
+
+    async def wait_deleted(self, stop: Stop | None) -> None:
+        """Wait until the deleted supervisor's tree is gone and its loop ended."""
+        if stop is not None:
+            await stop.wait()
         if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._stop(None)
+            # asyncio.wait never cancels what it waits for, and does not raise
+            # when the loop was cancelled by close() at shutdown.
+            await asyncio.wait([self._task])

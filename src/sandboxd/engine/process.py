@@ -6,11 +6,13 @@ It registers three kinds of readers with the event loop and nothing else:
 * each captured pipe: drained with up to 16 non-blocking ``os.read`` calls per
   wakeup straight into the :class:`OutputStore` (the pipe is always drained, so
   the child never blocks on a full pipe because of a slow client);
-* the pidfd: readable once the main process exits; ``waitid(P_PIDFD)`` then
-  reaps exactly that child, so there is no ``waitpid(-1)`` race with anyone.
+* the pidfd, through :class:`~sandboxd.engine.exitwatch.ExitWatch` (shared
+  with terminal sessions): it reaps exactly that child, so there is no
+  ``waitpid(-1)`` race with anyone.
 
-State changes go through :func:`~sandboxd.engine._state.classify_exit`; the
-rules are in ``_state.py``.
+The exit is classified by :func:`~sandboxd.engine._state.classify_exit`, and
+the status changes through the ``PROCESS`` table of ``states.py``. Stopping the
+tree is a stop owned by the engine (``stopping.py``), never by the caller.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ._state import ExitInfo, ProcessStatus, classify_exit
+from ._state import ExitInfo, classify_exit
 from .cgroups import ProcessCgroup
+from .exitwatch import ExitWatch, Reaped
 from .fairness import LoopBudget
 from .output import STDERR, STDOUT, OutputPool, OutputStore
 from .spawn import Child, SpawnSpec
+from .states import PROCESS, ProcessStatus, advance
+from .stopping import Stop, Stops
 
 if TYPE_CHECKING:
     from .managed import Supervisor
@@ -60,8 +65,10 @@ class Process:
         kill_tree_on_settle: bool = False,
         budget: LoopBudget | None = None,
         pool: OutputPool | None = None,
+        stops: Stops | None = None,
     ) -> None:
         self.handle = handle
+        self._stops = stops if stops is not None else Stops()
         self._budget = budget
         self.spec = spec
         self.command = spec.command
@@ -69,6 +76,8 @@ class Process:
         self.pid = child.pid
         self.started_at_ms = now_ms()
         self.exit: ExitInfo | None = None
+        # Written once, through the table of states.py, when the exit is known.
+        self.status: ProcessStatus = PROCESS.initial
         self.output = OutputStore(output_cap, pool)
         self.captured: tuple[int, ...] = tuple(
             s for s, on in ((STDOUT, spec.capture_stdout), (STDERR, spec.capture_stderr)) if on
@@ -81,8 +90,7 @@ class Process:
         self.kill_tree_on_settle = kill_tree_on_settle
         self.timed_out = False
         self.kill_requested = False
-        self._popen = child.popen
-        self._pidfd: int | None = child.pidfd
+        self._exit_watch = ExitWatch(child.popen, child.pidfd, self._on_reaped)
         self._fds: dict[int, int] = {}
         if child.stdout is not None:
             self._fds[STDOUT] = child.stdout
@@ -104,8 +112,7 @@ class Process:
         loop = asyncio.get_running_loop()
         for stream, fd in self._fds.items():
             loop.add_reader(fd, self._on_readable, stream)
-        assert self._pidfd is not None
-        loop.add_reader(self._pidfd, self._on_pidfd)
+        self._exit_watch.start()
 
     def set_timeout(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -153,31 +160,21 @@ class Process:
         if self.exit is not None and not self._fds:
             self._settle()
 
-    def _on_pidfd(self) -> None:
-        pidfd = self._pidfd
-        if pidfd is None:
-            return
-        try:
-            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
-        except ChildProcessError:
-            info = None
-        if info is None:
-            return  # spurious wakeup
+    def _on_reaped(self, reaped: Reaped | None) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        self._pidfd = None
-        self._popen.returncode = 0  # reaped here; stop Popen from ever waiting on it
+        if reaped is None:  # reaped elsewhere: report what a shell would, 255
+            reaped = Reaped(os.CLD_EXITED, 255)
         if self._deadline is not None:
             self._deadline.cancel()
         oom = self.cgroup.oom_kills() if self.cgroup is not None else 0
         self.exit = classify_exit(
-            info.si_code,
-            info.si_status,
+            reaped.si_code,
+            reaped.si_status,
             ended_at_ms=now_ms(),
             oom_kills=oom,
             timed_out=self.timed_out,
         )
+        self.status = advance(PROCESS, self.status, self.exit.status)
         self._close_stdin_fd()
         if not self.exited.done():
             self.exited.set_result(self.exit)
@@ -215,10 +212,6 @@ class Process:
         return self.exit is None
 
     @property
-    def status(self) -> ProcessStatus:
-        return ProcessStatus.RUNNING if self.exit is None else self.exit.status
-
-    @property
     def stdin_writable(self) -> bool:
         return self._stdin is not None and self.exit is None
 
@@ -245,9 +238,7 @@ class Process:
         if self.exit is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGKILL)
-            if self._pidfd is not None:
-                with contextlib.suppress(ProcessLookupError, OSError):
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            self._exit_watch.send_signal(signal.SIGKILL)
         if self.cgroup is not None:
             self.cgroup.kill()
 
@@ -259,22 +250,26 @@ class Process:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
 
-    async def terminate(self, grace_s: float) -> None:
-        """SIGTERM the whole tree, SIGKILL whatever is left after ``grace_s``; wait for the exit."""
-        loop = asyncio.get_running_loop()
-        self.signal_tree(signal.SIGTERM)
-        deadline = loop.time() + max(0.0, grace_s)
-        while loop.time() < deadline:
-            if self.exit is not None and (self.cgroup is None or not self.cgroup.populated()):
-                break
-            if self.exit is None:
-                await asyncio.wait(
-                    [asyncio.shield(self.exited)], timeout=min(0.05, deadline - loop.time())
-                )
-            else:
-                await asyncio.sleep(0.02)
-        self.kill_tree()
-        await asyncio.shield(self.exited)
+    def tree_gone(self) -> bool:
+        """The main process is reaped and nothing is left in its cgroup.
+
+        Without a cgroup the tree is gone with the main process: its group is
+        not signalled after the exit (the pid may be reused), so there is
+        nothing a stop could still do about a member left behind.
+        """
+        if self.exit is None:
+            return False
+        cgroup = self.cgroup
+        return cgroup is None or cgroup.removed or not cgroup.populated()
+
+    def stop(self, grace_s: float) -> Stop:
+        """Start stopping the tree (or join the stop under way); the engine owns it.
+
+        SIGTERM to the whole tree, SIGKILL to whatever is left after ``grace_s``.
+        Await ``stop(...).wait()`` to see it end; cancelling that wait leaves
+        the stop running.
+        """
+        return self._stops.start(self, grace_s, label=f"process {self.pid}")
 
     async def write_stdin(self, data: bytes) -> None:
         if not self.stdin_writable:
@@ -342,8 +337,5 @@ class Process:
         for handle in (self._deadline, self._grace):
             if handle is not None:
                 handle.cancel()
-        if self._pidfd is not None:
-            loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
+        self._exit_watch.release()
         self.output.settle()

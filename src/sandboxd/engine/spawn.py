@@ -7,7 +7,7 @@ directory must be a directory, the user must exist.
 
 The child is made with ``subprocess.Popen`` on its vfork path (no
 ``preexec_fn``, no ``user=``): about 0.6 ms whatever the daemon's RSS, where a
-fork costs tens of milliseconds at a few GiB (``design/python-stack.md`` §2).
+fork costs tens of milliseconds at a few GiB.
 Two things vfork cannot do are done by a tiny trampoline that then ``exec``s
 the real command, keeping the same pid:
 
@@ -26,24 +26,30 @@ import errno
 import grp
 import os
 import pwd
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from .cgroups import ProcessCgroup
+from .cgroups import CgroupLayout, ProcessCgroup
 
 SH = "/bin/sh"
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+# Read at import, before the server raises its own soft limit (edge.connections).
+NOFILE_AT_START = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class SpawnError(Exception):
-    """A start that cannot produce a process: answered 4xx, no record made."""
+    """A start that cannot produce a process: no record is made.
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    ``code`` says what went wrong (``COMMAND_NOT_FOUND``, ``CGROUP_FAILED``...);
+    which HTTP status that is, is the API's business (``api/error_map.py``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +260,8 @@ def trampoline(
 
     Steps, each only when needed: join the cgroups, set ``oom_score_adj``
     (the daemon protects itself with a negative value that children must not
-    inherit; raising it needs no privilege), then drop to the user with
+    inherit; raising it needs no privilege), put back the descriptor limit the
+    daemon started with, then drop to the user with
     ``setpriv``. If a step fails the child exits 125 and the command never runs:
     a failed privilege drop is a failed start, never a root process.
     """
@@ -268,6 +275,12 @@ def trampoline(
     steps = [f'echo 0 > "${i + 1}"' for i in range(len(files))]
     if oom_score_adj is not None:
         steps.append(f"echo {int(oom_score_adj)} > /proc/self/oom_score_adj")
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != NOFILE_AT_START:
+        # The daemon raised its own descriptor limit for its connections; a
+        # child gets the one the daemon was started with (a huge soft limit
+        # slows programs that close every descriptor and breaks select()).
+        steps.append(f"ulimit -S -n {NOFILE_AT_START}")
     if not steps:
         return prefix + argv
     script = (
@@ -278,6 +291,63 @@ def trampoline(
     return [SH, "-c", script, label, *files, *prefix, *argv]
 
 
+def make_cgroup(
+    layout: CgroupLayout | None, name: str, memory_limit: int | None, pids_limit: int | None
+) -> ProcessCgroup | None:
+    """The cgroup a new child joins (None without cgroups), for processes and terminals alike."""
+    if layout is None:
+        return None
+    try:
+        return layout.create(name, memory_limit=memory_limit, pids_limit=pids_limit)
+    except OSError as exc:
+        raise SpawnError("CGROUP_FAILED", f"cannot create the cgroup of {name}: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Launched:
+    popen: subprocess.Popen[bytes]
+    pidfd: int
+
+
+def launch(
+    argv: list[str],
+    command: str,
+    stdio: tuple[int, int, int],
+    cwd: str,
+    env: dict[str, str],
+    *,
+    new_session: bool,
+) -> Launched:
+    """``Popen`` on its vfork path, then the child's pidfd; OS failures are :class:`SpawnError`.
+
+    Every child of the daemon, process or terminal, is started here; ``argv``
+    is already wrapped by :func:`trampoline`; ``stdio`` are the child's fds 0-2.
+    """
+    stdin, stdout, stderr = stdio
+    try:
+        popen = subprocess.Popen(
+            argv,
+            executable=argv[0],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=env,
+            start_new_session=new_session,
+            close_fds=True,
+            restore_signals=True,
+        )
+    except OSError as exc:
+        raise _spawn_error(exc, command) from exc
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as exc:
+        popen.kill()
+        popen.wait()
+        raise _spawn_error(exc, command) from exc
+    return Launched(popen, pidfd)
+
+
 def spawn(
     spec: SpawnSpec,
     path: str,
@@ -286,7 +356,7 @@ def spawn(
     cgroup: ProcessCgroup | None,
     child_oom_score_adj: int | None = None,
 ) -> Child:
-    """Start the child. Raises :class:`SpawnError` for failures the OS reports."""
+    """Start a process with pipes. Raises :class:`SpawnError` for failures the OS reports."""
     user = None if spec.user is None or is_self(spec.user) else spec.user
     argv = trampoline(cgroup, user, [path, *spec.args], child_oom_score_adj)
     ours: list[int] = []
@@ -304,22 +374,7 @@ def spawn(
         stdin_p, stdin_c = pipe(False) if spec.stdin_pipe else (None, subprocess.DEVNULL)
         out_p, out_c = pipe(True) if spec.capture_stdout else (None, subprocess.DEVNULL)
         err_p, err_c = pipe(True) if spec.capture_stderr else (None, subprocess.DEVNULL)
-        try:
-            popen = subprocess.Popen(
-                argv,
-                executable=argv[0],
-                stdin=stdin_c,
-                stdout=out_c,
-                stderr=err_c,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                restore_signals=True,
-            )
-        except OSError as exc:
-            raise _spawn_error(exc, spec.command) from exc
-        pidfd = os.pidfd_open(popen.pid)
+        child = launch(argv, spec.command, (stdin_c, out_c, err_c), cwd, env, new_session=True)
     except BaseException:
         for fd in ours:
             with contextlib.suppress(OSError):
@@ -329,7 +384,7 @@ def spawn(
         for fd in theirs:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    return Child(popen, popen.pid, pidfd, stdin_p, out_p, err_p)
+    return Child(child.popen, child.popen.pid, child.pidfd, stdin_p, out_p, err_p)
 
 
 def _spawn_error(exc: OSError, command: str) -> SpawnError:
@@ -344,5 +399,5 @@ def _spawn_error(exc: OSError, command: str) -> SpawnError:
     if exc.errno == errno.ENOEXEC:
         return SpawnError("NOT_EXECUTABLE", f"exec format error: {command}")
     if exc.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
-        return SpawnError("RESOURCE_EXHAUSTED", f"cannot start {command}: {exc.strerror}", 429)
+        return SpawnError("RESOURCE_EXHAUSTED", f"cannot start {command}: {exc.strerror}")
     return SpawnError("SPAWN_FAILED", f"cannot start {command}: {exc.strerror}")

@@ -38,11 +38,13 @@ from .spawn import (
     SpawnSpec,
     build_env,
     can_switch_to,
+    make_cgroup,
     resolve_command,
     resolve_user,
     resolve_working_dir,
     spawn,
 )
+from .stopping import Stops
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ class ProcessTable:
         # pidfd. Whoever spawns a child outside this table (PTY sessions) adds its
         # pid here before the first await and discards it once reaped.
         self.guarded_pids: set[int] = set()
+        # Every stop of a tree under way (DELETE, restart, health, shutdown); the
+        # PTY manager shares it, so the shutdown can hurry and await them all.
+        self.stops = Stops()
         self._names: dict[str, Supervisor] = {}
         self._supervisors: list[Supervisor] = []
         self._next_managed_id = 1
@@ -154,8 +159,12 @@ class ProcessTable:
         for sup in self._supervisors:
             await sup.close()
         if not leave_running:
-            running = [p for p in self._records.values() if p.running]
-            await asyncio.gather(*(p.terminate(grace_s) for p in running))
+            for proc in self._records.values():
+                if not proc.tree_gone():
+                    proc.stop(grace_s)
+        # Stops that requests started run on, brought forward to this grace.
+        self.stops.hurry_all(grace_s)
+        await self.stops.wait_all()
         for proc in self._records.values():
             proc.output.settle()
 
@@ -269,22 +278,13 @@ class ProcessTable:
             raise SpawnError(
                 "USER_SWITCH_DENIED",
                 f"this daemon may not switch to uid {spec.user.uid} (no CAP_SETUID/CAP_SETGID)",
-                status=403,
             )
         cwd = resolve_working_dir(spec.working_dir, self.cwd)
         env = build_env(self.base_env, spec.user, spec.env)
         path = resolve_command(spec.command, env.get("PATH"), cwd)
         handle = self._next_handle
-        try:
-            cgroup = self.cgroups.create(
-                f"p{handle}",
-                memory_limit=self.settings.process_memory_limit,
-                pids_limit=self.settings.process_pids_limit,
-            )
-        except OSError as exc:
-            raise SpawnError(
-                "CGROUP_FAILED", f"cannot create the process's cgroup: {exc}", status=500
-            ) from exc
+        limits = self.settings.process_memory_limit, self.settings.process_pids_limit
+        cgroup = make_cgroup(self.cgroups, f"p{handle}", *limits)
         try:
             child = spawn(spec, path, cwd, env, cgroup, self.child_oom_score_adj)
         except BaseException:
@@ -304,6 +304,7 @@ class ProcessTable:
             kill_tree_on_settle=kill_tree_on_settle,
             budget=self.ingest_budget,
             pool=self.output_pool,
+            stops=self.stops,
         )
         proc.supervisor = supervisor
         proc.on_exit.append(self._on_exit)

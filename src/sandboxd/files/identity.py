@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import platform
 
-from ..engine.spawn import Identity
+from ..engine import Identity
 
 # (setgroups, setfsuid, setfsgid) system call numbers.
 _SYSCALLS = {"x86_64": (116, 122, 123), "aarch64": (159, 151, 152)}

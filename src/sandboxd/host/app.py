@@ -1,6 +1,6 @@
 """Routes of ``sandboxd host``: the lifecycle API and the sandbox proxy on one app.
 
-Lifecycle (localhost mode, ``tensorlake-lifecycle.md`` §2): ``POST``/``GET``
+Lifecycle (localhost mode, docs/self-hosted.md): ``POST``/``GET``
 ``/v1/namespaces/{ns}/sandboxes``, ``GET``/``DELETE``/``PATCH`` ``.../{id or
 name}``. Every refusal is JSON ``{"error", "code"}``. Everything under
 ``/api/v1/`` goes to the sandbox named by ``Host: <id>.local`` or
@@ -10,19 +10,16 @@ name}``. Every refusal is JSON ``{"error", "code"}``. Everything under
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import ingress, proxy, resize
+from ..edge import LIMITS, Limits, bearer_auth, cross_site_guard, errors_middleware
+from . import archive, capacity, ingress, lifecycle, logs, proxy, pulls, resize
 from .manager import Manager
 from .model import (
-    FAILED,
     PENDING,
     RUNNING,
     SNAPSHOTTING,
@@ -31,142 +28,39 @@ from .model import (
     ApiError,
     check_namespace,
     info,
-    ingress_endpoint,
     parse_create,
 )
 from .model import parse_update as parse_patch
+from .routing import (
+    MANAGER,
+    PREFIX,
+    answer_started,
+    body_of,
+    find,
+    sandbox_url,
+)
 
 log = logging.getLogger("sandboxd.host")
 
-MANAGER: web.AppKey[Manager] = web.AppKey("manager", Manager)
-PREFIX = "/v1/namespaces/{ns}/sandboxes"
-MAX_BODY = 1 << 20
-# The SDK's blocking create sends how long it waits and a grace to answer in.
-TIMEOUT_HEADER = "x-tensorlake-request-timeout-ms"
-GRACE_HEADER = "x-tensorlake-request-timeout-grace-ms"
-DEFAULT_CREATE_WAIT_S = 60.0
+ARCHIVED = "/v1/namespaces/{ns}/archived-sandboxes"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        # aiohttp's own 404/405 as JSON too, so every refusal has a code.
-        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE"}
-        return web.json_response(
-            {"error": exc.reason, "code": code.get(exc.status, "HTTP_ERROR")},
-            status=exc.status,
-            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
-        )
-
-
-def auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Every route, lifecycle and proxy, wants ``Authorization: Bearer <token>``.
-
-    The SDK sends ``TENSORLAKE_API_KEY`` that way to both. The proxy does not
-    pass the header on: the sandbox's daemon has no token of its own, and code
-    in the sandbox must not read the host's off its daemon's traffic.
-    """
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return web.json_response(
-                {
-                    "error": "a valid 'Authorization: Bearer' token is required",
-                    "code": "UNAUTHORIZED",
-                },
-                status=401,
-            )
-        return await handler(request)
-
-    return check
-
-
-def sandbox_url(request: web.Request) -> str:
-    """The proxy as the SDK must see it: on 127.0.0.1, the port this request came in on."""
-    sock = request.transport.get_extra_info("sockname") if request.transport else None
-    port = sock[1] if isinstance(sock, tuple) and len(sock) >= 2 else 0
-    return f"http://127.0.0.1:{port}"
-
-
-async def _json(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "BODY_TOO_LARGE", f"the body is over {MAX_BODY} bytes")
-    raw = await request.read()
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "INVALID_JSON", f"the body is not JSON: {exc}") from exc
-
-
-def _find(request: web.Request) -> tuple[Manager, Any]:
-    m = request.app[MANAGER]
-    ns = check_namespace(request.match_info["ns"])
-    ident = request.match_info["id"]
-    rec = m.store.get(ns, ident)
-    if rec is None:
-        raise ApiError(404, "SANDBOX_NOT_FOUND", f"no sandbox {ident!r} in namespace {ns!r}")
-    return m, rec
-
-
-def _wait_budget(request: web.Request) -> float:
-    try:
-        total = int(request.headers[TIMEOUT_HEADER]) / 1000
-        grace = int(request.headers.get(GRACE_HEADER, "0")) / 1000
-        return max(0.1, total - grace)
-    except (KeyError, ValueError):
-        return DEFAULT_CREATE_WAIT_S
+__all__ = ["MANAGER", "PREFIX", "create_app"]
 
 
 async def create(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     ns = check_namespace(request.match_info["ns"])
     # A restore inherits the snapshot's image and resources (404 for an unknown one).
-    spec = parse_create(m.snapshots.inherit(ns, await _json(request)))
+    spec = parse_create(m.snapshots.inherit(ns, await body_of(request)))
+    capacity.check(spec, m.state_dir)  # 400 for what this host can never give
+    capacity.check_network(spec.network, m.net.enabled, m.net.reason)
     await m.check_network(spec.network)  # 400 for a name that does not resolve
+    await pulls.ensure(m.images, spec.image)  # issue 17: a registry image is pulled first
     rec = m.begin_create(ns, spec)
     task = m.start_in_background(rec)
     if not spec.wait:
         return web.json_response({"sandbox_id": rec.id, "status": PENDING}, status=202)
     return await answer_started(request, m, rec, task)
-
-
-async def answer_started(
-    request: web.Request, m: Manager, rec: Any, task: asyncio.Task[None]
-) -> web.StreamResponse:
-    """A blocking create's answer (a pool claim's too): once it runs, or the budget is spent."""
-    # shield: a client that gives up does not cancel the start.
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(task), _wait_budget(request))
-    return web.json_response(started_body(m.store.by_id(rec.id) or rec, sandbox_url(request)))
-
-
-def started_body(cur: Any, url: str) -> dict[str, Any]:
-    """CreateSandboxResponse (§4.1) for a sandbox just started (create, claim, copy)."""
-    body: dict[str, Any] = {"sandbox_id": cur.id, "status": cur.status}
-    if cur.name is not None:
-        body["name"] = cur.name
-    if cur.status == RUNNING:
-        body["sandbox_url"] = url
-        body["ingress_endpoint"] = ingress_endpoint(url)
-    if cur.status == FAILED:
-        # 200 with status "failed": the SDK raises SandboxError with this reason;
-        # a 5xx would not tell it more and is what the issue forbids.
-        body["termination_reason"] = cur.termination_reason
-        body["error_details"] = {"message": cur.error}
-    return body
 
 
 async def list_(request: web.Request) -> web.StreamResponse:
@@ -178,23 +72,51 @@ async def list_(request: web.Request) -> web.StreamResponse:
     return web.json_response({"sandboxes": items})
 
 
+async def list_archived(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    ns = check_namespace(request.match_info["ns"])
+    q = request.query
+    limit = archive.parse_limit(q.get("limit"))
+    ended = [r for r in m.store.all() if r.namespace == ns and not r.live]
+    return web.json_response(archive.page(ended, limit, q.get("cursor"), q.get("direction")))
+
+
+async def get_archived(request: web.Request) -> web.StreamResponse:
+    m = request.app[MANAGER]
+    ns = check_namespace(request.match_info["ns"])
+    rec = archive.find(m.store.all(), ns, request.match_info["id"])
+    return web.json_response(archive.archived_info(rec))
+
+
+async def get_logs(request: web.Request) -> web.StreamResponse:
+    m, rec = find(request)
+    return web.json_response(logs.page(rec, await logs.entries(m, rec), request.query))
+
+
+async def list_log_processes(request: web.Request) -> web.StreamResponse:
+    m, rec = find(request)
+    return web.json_response(logs.processes(await logs.entries(m, rec)))
+
+
 async def get(request: web.Request) -> web.StreamResponse:
-    _, rec = _find(request)
+    _, rec = find(request)
     return web.json_response(info(rec, sandbox_url(request)))
 
 
 async def delete(request: web.Request) -> web.StreamResponse:
-    m, rec = _find(request)
+    m, rec = find(request)
     await m.terminate(rec.id)
     return web.Response(status=200)
 
 
 async def patch(request: web.Request) -> web.StreamResponse:
-    m, rec = _find(request)
-    changes = parse_patch(await _json(request))
+    m, rec = find(request)
+    changes = parse_patch(await body_of(request))
     if "resources" in changes:  # a live resize (resize.py); never mixed with other keys
         done = await resize.resize(m, rec, changes["resources"])
         return web.json_response(info(done, sandbox_url(request)))
+    if "network" in changes:
+        capacity.check_network(changes["network"], m.net.enabled, m.net.reason)
     if "network" in changes:  # applied first: an unresolvable name changes nothing
         rec = await m.set_network(rec, changes.pop("network"))
     return web.json_response(info(m.update(rec, changes), sandbox_url(request)))
@@ -242,12 +164,12 @@ async def settle(
 
 
 async def suspend(request: web.Request) -> web.StreamResponse:
-    m, rec = _find(request)
+    m, rec = find(request)
     return await settle(request, m, lambda: m.suspend(rec.id))
 
 
 async def resume(request: web.Request) -> web.StreamResponse:
-    m, rec = _find(request)
+    m, rec = find(request)
     return await settle(request, m, lambda: m.resume(rec.id))
 
 
@@ -270,16 +192,58 @@ async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
         if not rec.auto_resume:
             raise ApiError(409, "SANDBOX_SUSPENDED", f"sandbox {sid} is suspended")
         rec = await m.resume(sid)
-    if rec is None or rec.status != RUNNING:
-        raise ApiError(404, "SANDBOX_NOT_FOUND", f"no running sandbox {sid!r}")
+    if rec is None:
+        raise ApiError(404, "SANDBOX_NOT_FOUND", f"no sandbox {sid!r}")
+    if rec.status == PENDING:
+        raise ApiError(
+            409, "SANDBOX_STARTING", f"sandbox {sid} is still starting: wait for running"
+        )
+    if rec.status != RUNNING:
+        # 404 still (the SDK's callers test for it), with its own code and a way forward.
+        raise ApiError(
+            404,
+            "SANDBOX_TERMINATED",
+            f"sandbox {sid} is {rec.status}: its daemon is gone; read what it left with "
+            "get_logs() or get_archived()",
+        )
     return await proxy.forward(request, m.sessions.get(sid))
 
 
-def create_app(manager: Manager, token: str | None = None) -> web.Application:
-    middlewares = [auth(token), errors] if token else [errors]
-    # Exposed ports (Host: <port>-<id>.…) come first: they check the token themselves.
-    middlewares.insert(0, ingress.middleware(manager, token))
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+@web.middleware
+async def unsupported_routes(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A lifecycle path this host has no route for is 501, never a bare 404.
+
+    The SDK reads any 404 as "this sandbox does not exist" (SandboxNotFoundError);
+    a call this host does not implement must not look like a lost sandbox.
+    """
+    exc = request.match_info.http_exception
+    if isinstance(exc, web.HTTPNotFound) and request.path.startswith("/v1/"):
+        raise ApiError(
+            501,
+            "ROUTE_UNSUPPORTED",
+            f"this sandboxd host does not implement {request.method} {request.path}; "
+            "docs/self-hosted.md ('SDK calls and their status') lists what it does",
+        )
+    return await handler(request)
+
+
+def create_app(
+    manager: Manager, token: str | None = None, limits: Limits | None = None
+) -> web.Application:
+    """``limits``: connection and body bounds (default: ``Limits.from_env()``)."""
+    limits = limits or Limits.from_env()
+    middlewares = [
+        # Outermost: a web page's request is refused before anything looks at it.
+        # An exposed port's app decides about its own clients' origins.
+        cross_site_guard(token, origin_exempt=ingress.is_exposed_port_request),
+        # Exposed ports (Host: <port>-<id>.…) next: they check the token themselves.
+        ingress.middleware(manager, token),
+        *([bearer_auth(token)] if token else []),
+        errors_middleware(),
+        unsupported_routes,
+    ]
+    app = web.Application(middlewares=middlewares, client_max_size=limits.max_json_body)
+    app[LIMITS] = limits
     app[MANAGER] = manager
     app.router.add_post(PREFIX, create)
     app.router.add_get(PREFIX, list_)
@@ -288,10 +252,12 @@ def create_app(manager: Manager, token: str | None = None) -> web.Application:
     app.router.add_patch(PREFIX + "/{id}", patch)
     app.router.add_post(PREFIX + "/{id}/suspend", suspend)
     app.router.add_post(PREFIX + "/{id}/resume", resume)
+    app.router.add_get(PREFIX + "/{id}/logs", get_logs)
+    app.router.add_get(PREFIX + "/{id}/processes", list_log_processes)
+    app.router.add_get(ARCHIVED, list_archived)
+    app.router.add_get(ARCHIVED + "/{id}", get_archived)
     app.router.add_route("*", "/api/v1/{tail:.*}", sandbox_proxy)
-    from .lifecycle import add_routes  # snapshots and pools (imports this module)
-
-    add_routes(app)
+    lifecycle.add_routes(app)  # snapshots, copies and pools
 
     async def lifespan(app: web.Application):  # type: ignore[no-untyped-def]
         await manager.recover()

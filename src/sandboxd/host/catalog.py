@@ -15,6 +15,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from .store import connect_private
+
 T = TypeVar("T")
 
 KINDS = ("snapshots", "pools")
@@ -22,7 +24,7 @@ KINDS = ("snapshots", "pools")
 
 class Catalog:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db = connect_private(path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         for kind in KINDS:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.cgroups import _find_mounts, _kill_dir, _own_dir, _own_paths, _read, _write
+from ..engine import cgroupfs
 
 PARENT = "sandboxd-host"
 
@@ -51,30 +51,32 @@ class Hierarchies:
     @classmethod
     def detect(cls, parent: str = PARENT) -> Hierarchies:
         """``parent``: this host's dir in each hierarchy (see :func:`host_tag`)."""
-        mounts = _find_mounts()
-        v1_paths, v2_path = _own_paths()
+        mounts = cgroupfs.find_mounts()
+        v1_paths, v2_path = cgroupfs.own_paths()
         h = cls()
         for ctrl, mnt in mounts.v1.items():
-            own = _own_dir(mnt, v1_paths.get(ctrl, "/"))
+            own = cgroupfs.own_dir(mnt, v1_paths.get(ctrl, "/"))
             if own is not None and os.access(own, os.W_OK):
                 h.v1[ctrl] = own / parent
                 h.v1_mounts[ctrl] = mnt
         if mounts.v2 is not None:
-            own = _own_dir(mounts.v2, v2_path or "/")
+            own = cgroupfs.own_dir(mounts.v2, v2_path or "/")
             if own is not None and os.access(own, os.W_OK):
                 h.v2 = own / parent
                 h.v2_mount = mounts.v2
                 with contextlib.suppress(OSError):
-                    ctrls = set(_read(own / "cgroup.controllers").split())
+                    ctrls = set(cgroupfs.read(own / "cgroup.controllers").split())
                     wanted = ctrls & {"memory", "cpu", "pids"} - set(h.v1)
                     if wanted:
                         # v2 hands controllers to children only when asked to.
                         h.v2.mkdir(exist_ok=True)
                         with contextlib.suppress(OSError):
-                            _write(
+                            cgroupfs.write(
                                 own / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted)
                             )
-                        _write(h.v2 / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+                        cgroupfs.write(
+                            h.v2 / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted)
+                        )
                         h.v2_controllers = frozenset(wanted)
         return h
 
@@ -92,10 +94,29 @@ class Hierarchies:
     def sandbox(self, sandbox_id: str) -> SandboxCgroup:
         return SandboxCgroup(self, sandbox_id)
 
+    def bases(self) -> list[Path]:
+        return [*self.v1.values(), *([self.v2] if self.v2 else [])]
+
+    def remove_empty_bases(self) -> list[Path]:
+        """Remove this host's base dir in each hierarchy; returns those kept (not empty).
+
+        Called when the host stops. A sandbox that outlives the host (they do,
+        by design) keeps its base: rmdir refuses a cgroup with children.
+        """
+        kept = []
+        for base in self.bases():
+            try:
+                base.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                kept.append(base)
+        return kept
+
     def leftovers(self) -> list[str]:
         """Sandbox ids that still have a cgroup here (crash recovery)."""
         ids: set[str] = set()
-        for base in [*self.v1.values(), *([self.v2] if self.v2 else [])]:
+        for base in self.bases():
             with contextlib.suppress(OSError):
                 ids.update(p.name for p in base.iterdir() if p.is_dir())
         return sorted(ids)
@@ -128,20 +149,20 @@ class SandboxCgroup:
         if "memory" in self.dirs:
             _set_memory_v1(self.dirs["memory"], mem)
         if "cpu" in self.dirs:
-            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+            cgroupfs.write(self.dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            cgroupfs.write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
         if "pids" in self.dirs:
-            _write(self.dirs["pids"] / "pids.max", str(pids))
+            cgroupfs.write(self.dirs["pids"] / "pids.max", str(pids))
         u, ctrls = self.unified, self.h.v2_controllers
         if u is not None:
             if "memory" in ctrls:
-                _write(u / "memory.max", str(mem))
+                cgroupfs.write(u / "memory.max", str(mem))
                 with contextlib.suppress(OSError):
-                    _write(u / "memory.swap.max", "0")
+                    cgroupfs.write(u / "memory.swap.max", "0")
             if "cpu" in ctrls:
-                _write(u / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+                cgroupfs.write(u / "cpu.max", f"{quota} {CPU_PERIOD_US}")
             if "pids" in ctrls:
-                _write(u / "pids.max", str(pids))
+                cgroupfs.write(u / "pids.max", str(pids))
 
     def resize(self, memory_mb: int, reserve_mb: int, cpus: float, pids: int) -> None:
         """New limits for a running sandbox: the whole and its daemon's children cap.
@@ -165,7 +186,7 @@ class SandboxCgroup:
                     if (d / "memory.limit_in_bytes").exists():
                         _set_memory_v1(d, memory_mb << 20)
                     elif (d / "memory.max").exists():
-                        _write(d / "memory.max", str(memory_mb << 20))
+                        cgroupfs.write(d / "memory.max", str(memory_mb << 20))
 
         cap_children()
         self.set_limits(memory_mb + reserve_mb, cpus, pids)
@@ -205,7 +226,7 @@ class SandboxCgroup:
         seen: set[int] = set()
         for d in self.all_dirs():
             with contextlib.suppress(OSError, ValueError):
-                seen.update(int(p) for p in _read(d / "cgroup.procs").split())
+                seen.update(int(p) for p in cgroupfs.read(d / "cgroup.procs").split())
         return sorted(seen)
 
     @property
@@ -215,11 +236,11 @@ class SandboxCgroup:
     def freeze(self, frozen: bool, timeout_s: float = 2.0) -> bool:
         """v2 ``cgroup.freeze`` (a core file, there even without controllers); wait for it."""
         assert self.unified is not None
-        _write(self.unified / "cgroup.freeze", "1" if frozen else "0")
+        cgroupfs.write(self.unified / "cgroup.freeze", "1" if frozen else "0")
         want = f"frozen {int(frozen)}"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if want in _read(self.unified / "cgroup.events").splitlines():
+            if want in cgroupfs.read(self.unified / "cgroup.events").splitlines():
                 return True
             time.sleep(0.001)
         return False
@@ -227,9 +248,9 @@ class SandboxCgroup:
     def oom_kills(self) -> int:
         with contextlib.suppress(OSError, ValueError):
             if "memory" in self.dirs:
-                text = _read(self.dirs["memory"] / "memory.oom_control")
+                text = cgroupfs.read(self.dirs["memory"] / "memory.oom_control")
             elif self.unified is not None:
-                text = _read(self.unified / "memory.events")
+                text = cgroupfs.read(self.unified / "memory.events")
             else:
                 return 0
             for line in text.splitlines():
@@ -246,16 +267,16 @@ class SandboxCgroup:
         """
         if self.unified is not None and self.unified.is_dir():
             with contextlib.suppress(OSError):
-                _write(self.unified / "cgroup.kill", "1")
+                cgroupfs.write(self.unified / "cgroup.kill", "1")
             # A suspended sandbox: SIGKILL reaches frozen tasks, but thawing
             # lets them exit at once and lets the v1 sweep below see them go.
             with contextlib.suppress(OSError):
-                _write(self.unified / "cgroup.freeze", "0")
+                cgroupfs.write(self.unified / "cgroup.freeze", "0")
         deadline = time.monotonic() + timeout_s
         ok = True
         for top in self.all_dirs():
             for d in _deepest_first(top):
-                _kill_dir(d)
+                cgroupfs.kill_dir(d)
             for d in _deepest_first(top):
                 while d.is_dir():
                     try:
@@ -267,7 +288,7 @@ class SandboxCgroup:
                         if time.monotonic() > deadline:
                             ok = False
                             break
-                        _kill_dir(d, rounds=1)
+                        cgroupfs.kill_dir(d, rounds=1)
                         time.sleep(0.005)
         return ok
 
@@ -278,11 +299,11 @@ def _set_memory_v1(d: Path, limit: int) -> None:
     has_memsw = memsw.exists()
     if has_memsw:
         with contextlib.suppress(OSError):
-            _write(memsw, str(limit))
-    _write(d / "memory.limit_in_bytes", str(limit))
+            cgroupfs.write(memsw, str(limit))
+    cgroupfs.write(d / "memory.limit_in_bytes", str(limit))
     if has_memsw:
         with contextlib.suppress(OSError):
-            _write(memsw, str(limit))
+            cgroupfs.write(memsw, str(limit))
 
 
 def _deepest_first(top: Path) -> list[Path]:

@@ -18,7 +18,6 @@ are relayed by :mod:`.proxy`, streamed, as for the daemon.
 
 from __future__ import annotations
 
-import hmac
 import re
 import socket
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from ..edge import carries_token, error_response, expected_header
 from . import network, proxy
 from .model import RUNNING, SUSPENDED, ApiError
 
@@ -66,9 +66,13 @@ class _OneSocket(aiohttp.BaseConnector):
         return await super().close(*args, **kwargs)
 
 
+def is_exposed_port_request(request: web.Request) -> bool:
+    return target_of(request.headers.get("Host", "")) is not None
+
+
 def middleware(manager: Manager, token: str | None) -> Any:
-    """Outermost: an exposed-port request never reaches the lifecycle routes or the token check."""
-    expected = f"Bearer {token}".encode() if token else None
+    """An exposed-port request never reaches the lifecycle routes or the token check."""
+    expected = expected_header(token) if token else None
 
     @web.middleware
     async def ingress(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -78,7 +82,7 @@ def middleware(manager: Manager, token: str | None) -> Any:
         try:
             return await _serve(request, manager, expected, *target)
         except ApiError as exc:
-            return web.json_response(exc.body(), status=exc.status)
+            return error_response(exc.status, exc.code, exc.message)
 
     return ingress
 
@@ -89,8 +93,7 @@ async def _serve(
     rec = manager.store.by_id(sid)
     if rec is None or not rec.live:
         raise ApiError(404, "SANDBOX_NOT_FOUND", f"no live sandbox {sid!r}")
-    given = request.headers.get("Authorization", "").encode()
-    authorized = expected is not None and hmac.compare_digest(given, expected)
+    authorized = expected is not None and carries_token(request, expected)
     if expected is not None and not rec.allow_unauthenticated_access and not authorized:
         raise ApiError(
             401,

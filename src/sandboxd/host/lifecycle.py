@@ -1,4 +1,4 @@
-"""Routes for snapshots, copies and warm pools (``tensorlake-lifecycle.md`` §2, §4.4, §4.5).
+"""Routes for snapshots, copies and warm pools (docs/self-hosted.md).
 
 ``{P}`` = ``/v1/namespaces/{ns}``:
 
@@ -22,18 +22,18 @@ from typing import Any
 
 from aiohttp import web
 
-from . import pools, snapshots
-from .app import (
+from . import capacity, pools, snapshots
+from .model import ApiError, check_namespace, parse_create
+from .routing import (
     MANAGER,
     PREFIX,
-    _find,
-    _json,
-    _wait_budget,
     answer_started,
+    body_of,
+    find,
     sandbox_url,
     started_body,
+    wait_budget,
 )
-from .model import ApiError, check_namespace, parse_create
 
 SNAPSHOTS = "/v1/namespaces/{ns}/snapshots"
 POOLS = "/v1/namespaces/{ns}/sandbox-pools"
@@ -47,13 +47,13 @@ def _ns(request: web.Request) -> str:
 
 
 async def take_snapshot(request: web.Request) -> web.StreamResponse:
-    m, rec = _find(request)
-    snapshots.Snapshots.parse_type(await _json(request))
-    snap, task = m.snapshots.take(rec)
+    m, rec = find(request)
+    kind = snapshots.Snapshots.parse_type(await body_of(request), m.snapshots.memory_refusal(rec))
+    snap, task = m.snapshots.take(rec, kind)
     # Usually done in tens of milliseconds: answer completed (the SDK then reads
     # it once); a big one answers in_progress and the SDK polls.
     with contextlib.suppress(asyncio.TimeoutError):
-        budget = min(snapshots.ANSWER_WITHIN_S, _wait_budget(request))
+        budget = min(snapshots.ANSWER_WITHIN_S, wait_budget(request))
         await asyncio.wait_for(asyncio.shield(task), budget)
     cur = m.snapshots.table.get(snap.id) or snap
     status = 202 if cur.status == snapshots.IN_PROGRESS else 200
@@ -73,7 +73,7 @@ async def list_snapshots(request: web.Request) -> web.StreamResponse:
 
 
 async def list_sandbox_snapshots(request: web.Request) -> web.StreamResponse:
-    m, rec = _find(request)
+    m, rec = find(request)
     items = [snapshots.info(s) for s in m.snapshots.list(rec.namespace, rec.id)]
     return web.json_response({"snapshots": items})
 
@@ -99,7 +99,7 @@ async def copy(request: web.Request) -> web.StreamResponse:
     those still starting say ``pending``); the snapshot is deleted when the last
     copy has its files.
     """
-    m, rec = _find(request)
+    m, rec = find(request)
     raw = request.query.get("times", "1")
     try:
         times = int(raw)
@@ -107,9 +107,18 @@ async def copy(request: web.Request) -> web.StreamResponse:
         times = 0
     if not 1 <= times <= MAX_COPIES:
         raise ApiError(400, "INVALID_TIMES", f"times must be an integer from 1 to {MAX_COPIES}")
-    snap, task = m.snapshots.take(rec)
+    # A live copy where runsc can save the processes (gVisor, checkpoint.py).
+    live = m.snapshots.memory_refusal(rec) is None
+    snap, task = m.snapshots.take(rec, snapshots.MEMORY if live else snapshots.FILESYSTEM)
     await asyncio.shield(task)
     done = m.snapshots.table.get(snap.id) or snap
+    if live and done.status != snapshots.COMPLETED:
+        # runsc could not save the processes: copies of the files, as elsewhere.
+        with contextlib.suppress(ApiError):
+            m.snapshots.delete(rec.namespace, snap.id)
+        snap, task = m.snapshots.take(rec)
+        await asyncio.shield(task)
+        done = m.snapshots.table.get(snap.id) or snap
     if done.status != snapshots.COMPLETED:
         raise ApiError(409, "COPY_FAILED", f"the source could not be archived: {done.error}")
     body: dict[str, Any] = {"snapshot_id": snap.id, "timeout_secs": rec.timeout_secs}
@@ -132,7 +141,7 @@ async def copy(request: web.Request) -> web.StreamResponse:
     m.own(forget_snapshot())
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(
-            asyncio.shield(asyncio.gather(*(t for _, t in started))), _wait_budget(request)
+            asyncio.shield(asyncio.gather(*(t for _, t in started))), wait_budget(request)
         )
     url = sandbox_url(request)
     out = [started_body(m.store.by_id(r.id) or r, url) for r, _ in started]
@@ -142,10 +151,18 @@ async def copy(request: web.Request) -> web.StreamResponse:
 # -- pools ------------------------------------------------------------------------
 
 
+def _check_pool(m: Any, body: Any) -> None:
+    """What a create would refuse for its sizes or network, a pool refuses up front."""
+    fields = pools.parse_pool(body)
+    capacity.check_sizes(fields["memory_mb"], fields["disk_mb"], m.state_dir)
+    capacity.check_network(fields["network"], m.net.enabled, m.net.reason)
+
+
 async def create_pool(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     ns = _ns(request)
-    body = await _json(request)
+    body = await body_of(request)
+    _check_pool(m, body)
     await m.check_network(pools.parse_pool(body)["network"])  # 400: a name that does not resolve
     p = m.pools.create(ns, body)
     return web.json_response({"pool_id": p.id, "namespace": ns})
@@ -166,7 +183,8 @@ async def update_pool(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     ns, pool_id = _ns(request), request.match_info["pool"]
     m.pools.get(ns, pool_id)  # 404 first
-    body = await _json(request)
+    body = await body_of(request)
+    _check_pool(m, body)
     await m.check_network(pools.parse_pool(body)["network"])
     p = m.pools.update(ns, pool_id, body)
     return web.json_response(m.pools.info(p))
@@ -180,7 +198,7 @@ async def delete_pool(request: web.Request) -> web.StreamResponse:
 
 async def claim(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
-    rec = m.pools.begin_claim(_ns(request), request.match_info["pool"], await _json(request))
+    rec = m.pools.begin_claim(_ns(request), request.match_info["pool"], await body_of(request))
     return await answer_started(request, m, rec, m.start_in_background(rec))
 
 

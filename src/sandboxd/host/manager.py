@@ -3,8 +3,13 @@
 A reader always sees a status the SDK accepts: ``pending`` while the sandbox
 starts, ``running`` once its daemon answered health, ``suspended`` while frozen,
 ``terminated`` once DELETE or the timeout took it (``failed`` if it never came
-up). Slow work (waiting for the daemon, killing a cgroup) never holds anything
-a read needs.
+up, or its daemon died). Every change of status goes through the table of
+``states.py``. Slow work (waiting for the daemon, killing a cgroup) never
+holds anything a read needs.
+
+A sandbox that is up is held by its launcher's pidfd (``launcher.py``): the
+event loop learns of its end without polling, and one that ended without a
+teardown of ours (its daemon died) is failed and released.
 
 Sandboxes outlive the control plane: they are not children that die with it.
 At start-up every live record is checked: a daemon that still answers stays
@@ -25,21 +30,30 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import disk, network, runtime, warmpath
+from . import (
+    checkpoint,
+    disk,
+    entrypoint,
+    gvisor,
+    launcher,
+    logs,
+    network,
+    runtime,
+    states,
+    warmpath,
+)
 from .catalog import Catalog
 from .cgroup import Hierarchies, host_tag
-from .images import ImageStore
+from .images import UID_OFFSET, ImageStore
 from .model import (
     DEFAULT_CPUS,
     DEFAULT_DISK_MB,
     DEFAULT_IMAGE,
     DEFAULT_MEMORY_MB,
-    FAILED,
     PENDING,
     RUNNING,
     SUSPENDED,
     SUSPENDING,
-    TERMINATED,
     ApiError,
     CreateSpec,
     Record,
@@ -48,12 +62,17 @@ from .model import (
 from .pools import Pools
 from .proxy import Sessions
 from .snapshots import Snapshots
+from .states import Event
 from .store import NameTaken, Store
 
 log = logging.getLogger("sandboxd.host")
 T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 30.0
+SUSPEND_NEEDS_NAME = (
+    "only named sandboxes can be suspended: name this one first with update(name=...) "
+    '(PATCH {"name": "..."}), then suspend it'
+)
 DEFAULT_WARM = 1
 
 
@@ -72,6 +91,11 @@ def untraversable(path: Path) -> str | None:
     return None
 
 
+def refusal(exc: states.IllegalTransition) -> ApiError:
+    """A refused status change as the request's answer (409 and its code)."""
+    return ApiError(exc.status, exc.code, exc.message)
+
+
 class Manager:
     def __init__(
         self,
@@ -80,8 +104,12 @@ class Manager:
         warm: int = DEFAULT_WARM,
         images_dir: Path | None = None,
         net: network.Config | None = None,
+        sandbox_runtime: str = "bwrap",
+        nested_userns: bool = False,
     ) -> None:
         self.state_dir = state_dir
+        # The seccomp filter's opt-in for nested user and network namespaces.
+        self.nested_userns = nested_userns
         self.startup_timeout_s = startup_timeout_s
         # Spares: sandboxes started ahead of demand (the daemon's start is most
         # of a create's time). Not in the store, so nobody sees them until a
@@ -92,9 +120,11 @@ class Manager:
         self._claimed: set[str] = set()
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "sandboxes").mkdir(exist_ok=True)
-        # The sandboxes' uid reaches its root and socket through these: traverse, not list.
-        for d in (state_dir, state_dir / "sandboxes"):
-            os.chmod(d, 0o711)
+        # The sandboxes' root (bwrap binds its overlay by path) goes through these;
+        # below state_dir, only it and root: no other user of the machine.
+        os.chmod(state_dir, 0o711)
+        os.chown(state_dir / "sandboxes", 0, UID_OFFSET)
+        os.chmod(state_dir / "sandboxes", 0o710)
         self.images = ImageStore(images_dir or state_dir / "images")
         self.store = Store(state_dir / "sandboxes.db")
         self.tag = host_tag(state_dir)
@@ -104,10 +134,19 @@ class Manager:
         self.net = network.Network(self.tag, net)
         # disk_mb needs mkfs.ext4 (e2fsprogs); without it the dirs are plain.
         self.disks = shutil.which(disk.MKFS) is not None
-        self.sessions = Sessions(lambda sid: str(self.layout(sid).socket))
+        # gvisor.py: new sandboxes under runsc when asked; teardown knows either kind.
+        self.runtime = sandbox_runtime
+        self.gvisor = gvisor.Gvisor(state_dir, self.tag)
+        if sandbox_runtime == "gvisor":
+            self.startup_timeout_s = max(startup_timeout_s, gvisor.STARTUP_TIMEOUT_S)
+        self.sessions: Sessions = gvisor.Sessions(
+            lambda sid: str(self.layout(sid).socket), self.gvisor.address
+        )
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._procs: dict[str, asyncio.subprocess.Process] = {}
+        # Per sandbox up: the task that waits on its launcher's pidfd (launcher.py).
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self.last_startup_s: float | None = None
         # Snapshots and pools: their records in catalog.db, their logic in their modules.
         self.catalog = Catalog(state_dir / "catalog.db")
@@ -129,13 +168,21 @@ class Manager:
             if rec.status in (SUSPENDED, SUSPENDING):
                 # Frozen: its daemon cannot answer; it is alive if its cgroup has tasks.
                 ok = bool(self.cgroups.sandbox(rec.id).pids())
+                # Suspended to disk (gVisor): no tasks, its checkpoint is in its bundle.
+                ok = ok or (rec.status == SUSPENDED and checkpoint.on_disk(self, rec.id))
             else:
                 ok = rec.status == RUNNING and await runtime.healthy(self.sessions.get(rec.id))
+                # gVisor: a memory snapshot the host stopped in; back from runsc's image.
+                ok = ok or (rec.status == RUNNING and await checkpoint.revive(self, rec.id))
             if ok and rec.status == SUSPENDING:
                 # The host stopped mid-suspend: finish it.
                 await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, True)
-                rec.status = SUSPENDED
-                self.store.put(rec)
+                rec = states.advance(self.store, rec.id, Event.FROZEN)
+            if ok:
+                try:
+                    await self._adopt(rec.id, hold_netns=True)
+                except OSError as exc:  # the sandbox runs on; only its watch is missing
+                    log.warning("sandbox %s: could not hold its launcher: %s", rec.id, exc)
             if ok and rec.status == SUSPENDED:
                 log.info("sandbox %s survived the restart, suspended", rec.id)
             elif ok:
@@ -144,7 +191,7 @@ class Manager:
             else:
                 log.info("sandbox %s was lost while the host was down; cleaning up", rec.id)
                 await self._teardown(rec.id)
-                self._finish(rec.id, TERMINATED, "lost")
+                self._end(rec.id, Event.TERMINATE, "lost")
         keep = {r.id for r in self.store.all() if r.live}
         for sid in self.cgroups.leftovers():
             if sid not in keep:
@@ -152,9 +199,11 @@ class Manager:
         with contextlib.suppress(OSError):
             for d in (self.state_dir / "sandboxes").iterdir():
                 if d.name not in keep:
+                    launcher.release_netns(d)
                     runtime.remove_dir(self.layout(d.name))
         # Netns and veths of no live sandbox go; the nft table is rebuilt from the records.
         await self.net.sweep({r.id: r.network for r in self.store.all() if r.live})
+        await self.gvisor.sweep(keep)
         self.fill_spares()
 
     async def close(self) -> None:
@@ -172,6 +221,8 @@ class Manager:
         await self.net.close()
         await self.sessions.close()
         await asyncio.to_thread(self.daemon.unmount)
+        # The base dirs go too, unless a sandbox still running has its cgroup there.
+        await asyncio.to_thread(self.cgroups.remove_empty_bases)
         self.store.close()
         self.catalog.close()
 
@@ -183,13 +234,8 @@ class Manager:
         if spec.name is not None and self.store.name_taken(namespace, spec.name):
             raise NameTaken(spec.name)
         if self.images.get(spec.image) is None:
-            have = ", ".join(self.images.names()) or "none built"
-            raise ApiError(
-                400,
-                "UNKNOWN_IMAGE",
-                f"no image {spec.image!r} on this host (it has: {have}); "
-                "build one with `sandboxd image build`",
-            )
+            # issue 17: what the host has, and the command (on its store) that gets it.
+            raise ApiError(400, "UNKNOWN_IMAGE", self.images.missing_hint(spec.image))
         # Spares have the default image and disk; a filesystem does not change on claim.
         # A restore never takes one: a spare's filesystem is already live.
         if (
@@ -222,6 +268,7 @@ class Manager:
             self._filling -= 1
         if sid is not None:
             self._spares.append(sid)
+            log.info("spare sandbox %s ready", sid)
 
     async def launch_spare(
         self, memory_mb: int, cpus: float, disk_mb: int, image: str = DEFAULT_IMAGE
@@ -263,20 +310,90 @@ class Manager:
             cgroup.create(memory_mb + runtime.DAEMON_RESERVE_MB, cpus, runtime.PIDS_LIMIT)
         # Its netns, veth and nft chain with ``policy`` (None: the default, as for a spare).
         netns = await self.net.setup(sid, policy)
-        proc = await runtime.launch(
-            layout,
-            cgroup,
-            sid,
-            img,
-            self.daemon,
-            disk_mb if self.disks else None,
-            netns=netns,
-            seed=seed,
-        )
+        gv = self.runtime == "gvisor"
+        if gv:
+            proc = await self.gvisor.launch(
+                layout, cgroup, sid, img, self.daemon, disk_mb if self.disks else None,
+                netns=netns, seed=seed,
+            )  # fmt: skip
+        else:
+            proc = await runtime.launch(
+                layout, cgroup, sid, img, self.daemon, disk_mb if self.disks else None,
+                netns=netns, seed=seed, nested_userns=self.nested_userns,
+            )  # fmt: skip
         self._procs[sid] = proc
         # Reap bwrap whenever it ends, so no zombie outlives the sandbox.
         self.own(proc.wait())
-        await runtime.wait_ready(self.sessions.get(sid), layout, proc, self.startup_timeout_s)
+        wait_ready = self.gvisor.wait_ready if gv else runtime.wait_ready
+        await wait_ready(self.sessions.get(sid), layout, proc, self.startup_timeout_s)
+        # Up: from now on its end is noticed, and a loopback-only netns is held.
+        await self._adopt(sid, hold_netns=netns is None and not gv, fresh=True)
+
+    async def _adopt(self, sid: str, hold_netns: bool, fresh: bool = False) -> None:
+        """Hold the sandbox's launcher by pidfd and watch it (launcher.py); with
+        ``hold_netns`` (a loopback-only sandbox), bind its network namespace too.
+        ``fresh``: just launched, so a launcher not found means it already ended.
+        """
+        if not self.cgroups.usable:
+            return  # its launcher cannot be told from a reused pid; proc.wait() still reaps
+        if self.gvisor.address(sid) is not None:
+            return  # under runsc: another process tree, gvisor.py's to watch
+        cgroup = self.cgroups.sandbox(sid)
+        pidfd = await asyncio.to_thread(launcher.open_launcher, cgroup)
+        if pidfd is None:
+            if fresh:
+                raise runtime.LaunchError(
+                    "the sandbox ended as soon as its daemon answered: "
+                    f"{runtime.log_tail(self.layout(sid)) or '(no output)'}"
+                )
+            log.warning("sandbox %s: no launcher found; its end will not be noticed", sid)
+            return
+        try:
+            pid = _pid_of(pidfd)
+            if hold_netns and pid is not None and self.netns_path(sid) is None:
+                await asyncio.to_thread(launcher.hold_netns, self.layout(sid).dir, pid, pidfd)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        old = self._watchers.pop(sid, None)
+        if old is not None:
+            old.cancel()
+        task = self._watchers[sid] = self.own(self._watch(sid, pidfd))
+        # Closed when the watch ends, however: also if cancelled before it ever ran.
+        task.add_done_callback(lambda _: os.close(pidfd))
+
+    async def _watch(self, sid: str, pidfd: int) -> None:
+        await launcher.wait_exit(pidfd)
+        if self._watchers.get(sid) is not asyncio.current_task():
+            return
+        del self._watchers[sid]
+        await self._died(sid)
+
+    async def _died(self, sid: str) -> None:
+        """Its launcher ended without a teardown of ours: the daemon (or its init) died.
+
+        The record ends ``failed`` with the daemon's last output, and all it
+        held is released. A spare or a pool's warm one is replaced.
+        """
+        rec = self.store.by_id(sid)
+        if rec is None:
+            spare = sid in self._spares
+            if spare:
+                self._spares.remove(sid)
+            if spare or self.pools.forget(sid):
+                log.warning("spare sandbox %s died; replacing it", sid)
+                await self._teardown(sid)
+                self.fill_spares()
+            return
+        error = "the sandbox's daemon died" + await self._how_it_ended(sid)
+        if self._end(sid, Event.DAEMON_DIED, "daemon_died", error) is None:
+            return  # ended by someone else, who tears it down
+        if rec.status == PENDING:
+            return  # its start, in flight, finds "started" refused and tears down
+        log.warning("sandbox %s: its daemon died; releasing its resources", sid)
+        await self._teardown(sid)
+        if rec.pool_id is not None:
+            self.fill_spares()
 
     async def _claim(self, rec: Record) -> bool:
         """Give a spare the record's limits; False if it died meanwhile."""
@@ -310,7 +427,8 @@ class Manager:
         try:
             claimed = rec.id in self._claimed and await self._claim(rec)
             self._claimed.discard(rec.id)
-            if not claimed:
+            cur = self.store.by_id(rec.id)
+            if not claimed and cur is not None and cur.status == PENDING:
                 # A restore: the snapshot fills the rw dir before anything runs.
                 seed = self.snapshots.seed(rec.snapshot_id) if rec.snapshot_id else None
                 await self._launch(
@@ -322,27 +440,26 @@ class Manager:
                     seed=seed,
                     policy=(self.store.by_id(rec.id) or rec).network,
                 )
+            if not (claimed and rec.pool_id is not None):  # a pool's warm one runs it already
+                await entrypoint.run_on(self, rec.id)
         except Exception as exc:
             if isinstance(exc, (runtime.LaunchError, OSError)):
                 log.warning("sandbox %s failed to start: %s", rec.id, exc)
             else:
                 log.exception("sandbox %s failed to start", rec.id)
             await self._teardown(rec.id)
-            cur = self.store.by_id(rec.id)
-            if cur is not None and cur.status == PENDING:  # not a DELETE meanwhile
-                self._finish(rec.id, FAILED, "startup_failed", str(exc) or type(exc).__name__)
+            # Refused (and so not written) when a DELETE came first.
+            self._end(rec.id, Event.START_FAILED, "startup_failed", str(exc) or type(exc).__name__)
             return
         finally:
             self.fill_spares()
         self.last_startup_s = time.monotonic() - t0
-        cur = self.store.snapshot(rec.id)
-        if cur is None or cur.status != PENDING:
+        cur = states.try_advance(self.store, rec.id, Event.STARTED)
+        if cur is None:
             # Deleted while starting: the DELETE's teardown may have run before
             # this start made its mounts and processes; tear down what is left.
             await self._teardown(rec.id)
             return
-        cur.status = RUNNING
-        self.store.put(cur)
         self._arm_timer(cur)
         log.info("sandbox %s running in %.0f ms", rec.id, self.last_startup_s * 1000)
 
@@ -350,18 +467,39 @@ class Manager:
 
     async def terminate(self, sandbox_id: str, reason: str = "user_terminated") -> None:
         rec = self.store.by_id(sandbox_id)
-        if rec is None or not rec.live:
-            return  # DELETE is idempotent (the SDK retries it)
+        if rec is None or not states.allowed(rec.status, Event.TERMINATE):
+            return  # ended already: DELETE is idempotent (the SDK retries it)
         # Status first: the name is free and reads say terminated at once.
-        self._finish(sandbox_id, TERMINATED, reason)
+        self._end(sandbox_id, Event.TERMINATE, reason)
+        if rec.status == RUNNING:  # its output outlives it (logs.py); a frozen one cannot answer
+            await logs.capture(self, sandbox_id)
         await self._teardown(sandbox_id)
         if rec.pool_id is not None:
             self.fill_spares()  # its pool may keep more warm now
+
+    async def _how_it_ended(self, sid: str) -> str:
+        """The launcher's exit status (when it is our child) and the daemon's last output."""
+        out = ""
+        proc = self._procs.get(sid)
+        if proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Exited already: only the reaping is left.
+                code = await asyncio.wait_for(asyncio.shield(proc.wait()), 2)
+                # bwrap exits 128+N when what it ran was killed by signal N.
+                out = f" (exit status {code}" + (
+                    f": killed by signal {code - 128})" if code > 128 else ")"
+                )
+        tail = runtime.log_tail(self.layout(sid))
+        return out + (f"; its last output: {tail}" if tail else "; it printed nothing")
 
     async def _teardown(self, sandbox_id: str) -> None:
         timer = self._timers.pop(sandbox_id, None)
         if timer is not None:
             timer.cancel()
+        # First, before any await: the launcher's exit below is ours, not a death.
+        watcher = self._watchers.pop(sandbox_id, None)
+        if watcher is not None:
+            watcher.cancel()
         await self.sessions.drop(sandbox_id)
         proc = self._procs.pop(sandbox_id, None)
         if self.cgroups.usable:
@@ -372,21 +510,27 @@ class Manager:
                 proc.kill()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
+        await self.gvisor.teardown(sandbox_id)  # runsc's state, if it ran under gVisor
         # Its netns, veth and nft chain (network.py, ~30 ms) alongside its files.
+        layout = self.layout(sandbox_id)
+        await asyncio.to_thread(launcher.release_netns, layout.dir)
         await asyncio.gather(
             self.net.teardown(sandbox_id),
-            asyncio.to_thread(runtime.remove_dir, self.layout(sandbox_id)),
+            asyncio.to_thread(runtime.remove_dir, layout),
         )
 
-    def _finish(self, sandbox_id: str, status: str, reason: str, error: str | None = None) -> None:
-        cur = self.store.snapshot(sandbox_id)
-        if cur is None:
-            return
-        cur.status = status
-        cur.terminated_at = time.time()
-        cur.termination_reason = reason
-        cur.error = error
-        self.store.put(cur)
+    def _end(
+        self, sandbox_id: str, event: Event, reason: str, error: str | None = None
+    ) -> Record | None:
+        """Move a sandbox to an ended status; None when another end came first."""
+        return states.try_advance(
+            self.store, sandbox_id, event, now=time.time(), reason=reason, error=error
+        )
+
+    def admit(self, rec: Record, event: Event) -> None:
+        """Raise the 409 a request gets when ``event`` is not allowed from ``rec``'s status."""
+        if not states.allowed(rec.status, event):
+            raise refusal(states.IllegalTransition(rec.id, rec.status, event))
 
     # -- suspend / resume -----------------------------------------------------
 
@@ -397,54 +541,51 @@ class Manager:
         """Freeze every process of a named sandbox; memory, files and sockets stay."""
         rec = self.store.snapshot(sandbox_id)
         assert rec is not None
-        if rec.name is None:
-            raise ApiError(400, "SUSPEND_NEEDS_NAME", "only named sandboxes can be suspended")
-        if rec.status == SUSPENDED:
+        if rec.name is None and rec.pool_id is None:  # a pool's sandboxes suspend too
+            raise ApiError(400, "SUSPEND_NEEDS_NAME", SUSPEND_NEEDS_NAME)
+        if states.is_noop(rec.status, Event.SUSPEND):
             return rec
-        if rec.status != RUNNING:
-            raise ApiError(409, "NOT_RUNNING", f"sandbox {rec.id} is {rec.status}")
-        if not self._freezable(rec):
+        self.admit(rec, Event.SUSPEND)
+        to_disk = self.gvisor.checkpointable(rec.id)  # gVisor: runsc saves it (checkpoint.py)
+        if not to_disk and not self._freezable(rec):
             raise ApiError(400, "SUSPEND_UNSUPPORTED", "this host has no cgroup v2 freezer")
         timer = self._timers.pop(rec.id, None)
         if timer is not None:
             timer.cancel()
         # Before the first await: a DELETE, snapshot or second suspend meanwhile
         # sees "suspending", and this one does not write over what they did.
-        rec.status = SUSPENDING
-        self.store.put(rec)
+        rec = states.advance(self.store, rec.id, Event.SUSPEND)
+        if to_disk:
+            return await checkpoint.suspend(self, rec)
         # Pooled connections to a frozen daemon would hang their next user.
         await self.sessions.drop(rec.id)
         try:
             await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, True)
         except OSError as exc:
-            cur = self.store.snapshot(sandbox_id)
-            if cur is not None and cur.status == SUSPENDING:
-                cur.status = RUNNING
-                self.store.put(cur)
+            cur = states.try_advance(self.store, rec.id, Event.FREEZE_FAILED)
+            if cur is not None:
                 self._arm_timer(cur)
             raise ApiError(409, "SUSPEND_FAILED", f"sandbox {rec.id}: {exc}") from exc
-        cur = self.store.snapshot(sandbox_id)
-        if cur is None or cur.status != SUSPENDING:
-            return cur or rec  # terminated meanwhile: its teardown thaws and kills
-        cur.status = SUSPENDED
-        self.store.put(cur)
-        return cur
+        # Refused when terminated meanwhile: its teardown thaws and kills.
+        return (
+            states.try_advance(self.store, rec.id, Event.FROZEN) or self.store.by_id(rec.id) or rec
+        )
 
     async def resume(self, sandbox_id: str) -> Record:
         rec = self.store.snapshot(sandbox_id)
         assert rec is not None
-        if rec.status == RUNNING:
+        if states.is_noop(rec.status, Event.RESUME):
             return rec
-        if rec.status != SUSPENDED:
-            raise ApiError(409, "NOT_SUSPENDED", f"sandbox {rec.id} is {rec.status}")
-        await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, False)
-        cur = self.store.snapshot(sandbox_id)
-        if cur is None or cur.status != SUSPENDED:
-            return cur or rec  # terminated meanwhile
+        self.admit(rec, Event.RESUME)
+        if self.gvisor.checkpointable(rec.id):
+            await checkpoint.resume(self, rec)  # from disk (checkpoint.py)
+        else:
+            await asyncio.to_thread(self.cgroups.sandbox(rec.id).freeze, False)
         # A new lifetime from now (the old one ran out, or was cut, at suspend),
         # stored, so a restart of the host keeps counting from here.
-        cur.status, cur.lifetime_from = RUNNING, time.time()
-        self.store.put(cur)
+        cur = states.try_advance(self.store, rec.id, Event.RESUME, now=time.time())
+        if cur is None:
+            return self.store.by_id(rec.id) or rec  # terminated meanwhile
         self._arm_timer(cur)
         return cur
 
@@ -464,20 +605,21 @@ class Manager:
         self._timers[rec.id] = loop.call_later(delay, fire)
 
     async def _expire(self, sandbox_id: str) -> None:
-        """Named sandboxes are suspended when their time is up, others terminated (§3.1)."""
+        """Named and pool-claimed sandboxes are suspended when their time is up (as on
+        Tensorlake), others terminated (§3.1)."""
         rec = self.store.by_id(sandbox_id)
         if rec is None or rec.status != RUNNING:
             return
-        if rec.name is not None and self._freezable(rec):
-            await self.suspend(sandbox_id)
+        can = self._freezable(rec) or self.gvisor.checkpointable(rec.id)
+        if (rec.name or rec.pool_id) and can:
+            await self.suspend(sandbox_id)  # to disk under gVisor (checkpoint.py)
         else:
             await self.terminate(sandbox_id, "timeout")
 
     # -- update ---------------------------------------------------------------
 
     def update(self, rec: Record, changes: dict[str, object]) -> Record:
-        if not rec.live:
-            raise ApiError(409, "SANDBOX_TERMINATED", f"sandbox {rec.id} is {rec.status}")
+        self.admit(rec, Event.UPDATE)
         cur = self.store.snapshot(rec.id)
         assert cur is not None
         for key, value in changes.items():
@@ -500,8 +642,7 @@ class Manager:
         One nft transaction swaps the policy atomically; if it fails (a name
         that does not resolve: 400) the previous policy stays.
         """
-        if not rec.live:
-            raise ApiError(409, "SANDBOX_TERMINATED", f"sandbox {rec.id} is {rec.status}")
+        self.admit(rec, Event.UPDATE)
         try:
             await self.net.apply(rec.id, policy, strict=True)
         except network.PolicyError as exc:
@@ -517,8 +658,20 @@ class Manager:
 
     def netns_path(self, sandbox_id: str) -> str | None:
         """The sandbox's network namespace (exposed ports are reached from inside it)."""
-        path = self.net.netns_path(sandbox_id)
-        if path is None and self.cgroups.usable:
-            # A loopback-only sandbox: its own netns, found through its processes.
-            path = network.netns_of_pids(self.cgroups.sandbox(sandbox_id).pids())
+        path = self.net.netns_path(sandbox_id) or self.gvisor.netns_path(sandbox_id)
+        if path is None:
+            # A loopback-only sandbox: the netns held since its launch (launcher.py),
+            # never looked up through a pid that could have been reused.
+            held = launcher.netns_path(self.layout(sandbox_id).dir)
+            path = str(held) if held.exists() else None
         return path
+
+
+def _pid_of(pidfd: int) -> int | None:
+    """The pid a pidfd refers to (``Pid:`` in its fdinfo)."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                return pid if pid > 0 else None
+    return None

@@ -3,7 +3,7 @@
 Validation turns a create or PATCH body into a typed spec or an :class:`ApiError`
 (always a 4xx with a specific ``code``: a 5xx on create would be misread by the
 SDK, which does not retry creates). :func:`info` renders a record as the
-SandboxInfo the SDK parses (``tensorlake-lifecycle.md`` §4.3).
+SandboxInfo the SDK parses (docs/self-hosted.md).
 """
 
 from __future__ import annotations
@@ -14,31 +14,24 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..edge.errors import ApiError  # the shared edge's; imported from here too
+from . import registry, states
 from .network import PolicyError, normalize_policy
+from .states import Status
 
-# Exactly the SDK's SandboxStatus enum; any other string fails its validation.
-PENDING = "pending"
-RUNNING = "running"
-SUSPENDING = "suspending"  # while the freezer takes it (about a millisecond)
-SUSPENDED = "suspended"
-TERMINATED = "terminated"
-FAILED = "failed"
-SNAPSHOTTING = "snapshotting"  # while its filesystem is archived (snapshots.py), frozen
-STATUSES = frozenset(
-    {
-        PENDING,
-        RUNNING,
-        SNAPSHOTTING,
-        SUSPENDING,
-        SUSPENDED,
-        TERMINATED,
-        "timeout",
-        FAILED,
-    }
-)
+# The statuses and every change of them: states.py (the one state machine).
+PENDING = Status.PENDING
+RUNNING = Status.RUNNING
+SUSPENDING = Status.SUSPENDING
+SUSPENDED = Status.SUSPENDED
+TERMINATED = Status.TERMINATED
+FAILED = Status.FAILED
+SNAPSHOTTING = Status.SNAPSHOTTING
+# The SDK's SandboxStatus enum: ours, and "timeout", which this host never sets.
+STATUSES = frozenset({*Status, "timeout"})
 # Live: holds its name, is listed, can be deleted. A suspended sandbox is frozen
 # (cgroup freezer), its memory and processes intact.
-LIVE = frozenset({PENDING, RUNNING, SUSPENDING, SUSPENDED, SNAPSHOTTING})
+LIVE = frozenset(s.value for s in states.LIVE)  # plain str: it goes into SQL
 
 # Image names that map to the store's "default" image (images.py). The SDK's
 # managed base names are accepted so scripts written for Tensorlake run
@@ -62,8 +55,13 @@ def canonical_image(image: Any) -> str:
         raise bad("UNKNOWN_IMAGE", "image must be a string")
     if image in IMAGE_ALIASES:
         return DEFAULT_IMAGE
-    if not _IMAGE.match(image):
-        raise bad("UNKNOWN_IMAGE", f"unknown image {image!r}: not a name this host can have")
+    # issue 17: a registry reference (REGISTRY[:PORT]/REPO:TAG) is kept as asked.
+    if not _IMAGE.match(image) and not registry.is_reference(image):
+        raise bad(
+            "UNKNOWN_IMAGE",
+            f"unknown image {image!r}: give a local image name (letters, digits, '.', '_', "
+            "'-') or a registry reference such as registry.example.com:5000/team/app:1.0",
+        )
     return image
 
 
@@ -99,19 +97,6 @@ _CREATE_KEYS = frozenset(
 )
 
 
-class ApiError(Exception):
-    """A refusal with its HTTP status and a stable machine-readable code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def body(self) -> dict[str, str]:
-        return {"error": self.message, "code": self.code}
-
-
 def bad(code: str, message: str) -> ApiError:
     return ApiError(400, code, message)
 
@@ -143,6 +128,8 @@ class CreateSpec:
     network: dict[str, Any] | None = None
     auto_resume: bool = True
     snapshot_id: str | None = None  # a restore: the rw dir comes from this snapshot
+    # The image name as the request gave it (an alias such as "python" reads back as such).
+    image_asked: str | None = None
 
 
 def _int(value: Any, key: str, lo: int, hi: int) -> int:
@@ -184,7 +171,8 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
     ):
         if body.get(key):
             raise bad(code, f"{key} is not supported by this self-hosted sandboxd")
-    image = canonical_image(body.get("image") or DEFAULT_IMAGE)
+    asked = body.get("image") or None
+    image = canonical_image(asked or DEFAULT_IMAGE)
     res = body.get("resources") or {}
     if not isinstance(res, dict):
         raise bad("INVALID_RESOURCES", "resources must be an object")
@@ -211,8 +199,8 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         not isinstance(entry, list) or not all(isinstance(a, str) for a in entry)
     ):
         raise bad("INVALID_ENTRYPOINT", "entrypoint must be a list of strings")
-    if entry:
-        raise bad("ENTRYPOINT_UNSUPPORTED", "entrypoint is not supported yet")
+    if entry is not None and entry and not entry[0]:
+        raise bad("INVALID_ENTRYPOINT", "entrypoint's first element must name a command")
     network = check_network(body.get("network"))
     auto_resume = body.get("auto_resume", True)
     if not isinstance(auto_resume, bool):
@@ -233,11 +221,13 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         timeout_secs=timeout,
         name=name,
         wait=wait,
+        entrypoint=list(entry) if entry else None,
         exposed_ports=_ports(body.get("exposed_ports", [])),
         allow_unauthenticated_access=auth,
         network=network,
         auto_resume=auto_resume,
         snapshot_id=snapshot_id,
+        image_asked=asked if isinstance(asked, str) else None,
     )
 
 
@@ -271,6 +261,12 @@ class Record:
     status_before: str | None = None
     # A resume starts a new timeout_secs: from then, not from created_at.
     lifetime_from: float | None = None
+    image_asked: str | None = None  # what info reports as its image (CreateSpec.image_asked)
+    # Started through the daemon's process API once it answered (entrypoint.py);
+    # why it could not start, if it could not (the sandbox runs on).
+    entrypoint: list[str] | None = None
+    entrypoint_pid: int | None = None
+    entrypoint_error: str | None = None
 
     @classmethod
     def new(cls, namespace: str, spec: CreateSpec, now: float) -> Record:
@@ -290,6 +286,8 @@ class Record:
             network=spec.network,
             auto_resume=spec.auto_resume,
             snapshot_id=spec.snapshot_id,
+            image_asked=spec.image_asked,
+            entrypoint=list(spec.entrypoint) if spec.entrypoint else None,
         )
 
     @property
@@ -328,7 +326,7 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
         "id": rec.id,
         "namespace": rec.namespace,
         "status": rec.status,
-        "image": rec.image,
+        "image": rec.image_asked or rec.image,
         "resources": {"cpus": rec.cpus, "memory_mb": rec.memory_mb, "disk_mb": rec.disk_mb},
         "timeout_secs": rec.timeout_secs,
         "created_at": rec.created_at,
@@ -339,6 +337,8 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
     }
     if rec.name is not None:
         out["name"] = rec.name
+    if rec.entrypoint:
+        out["entrypoint"] = rec.entrypoint
     if rec.network is not None:
         out["network_policy"] = rec.network
     if rec.pool_id is not None:
@@ -354,8 +354,17 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
         out["terminated_at"] = rec.terminated_at
     if rec.termination_reason is not None:
         out["termination_reason"] = rec.termination_reason
+        # Only an ended sandbox has an outcome; a suspended one has none (it may resume).
+        kind = "Failure" if rec.status == FAILED else "Success"
+        if rec.status in (TERMINATED, FAILED):
+            out["outcome"] = f"{kind}({rec.termination_reason})"
     if rec.error is not None:
         out["error_details"] = {"message": rec.error}
+    elif rec.entrypoint_error is not None:
+        out["error_details"] = {
+            "code": "ENTRYPOINT_FAILED",
+            "message": f"the entrypoint could not start: {rec.entrypoint_error}",
+        }
     return out
 
 

@@ -29,7 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import entrypoint
 from .catalog import Catalog
+from .entrypoint import Started
 from .model import ApiError, CreateSpec, Record, bad, parse_create
 
 if TYPE_CHECKING:
@@ -70,9 +72,12 @@ class Pool:
     network: dict[str, Any] | None = None
     # Bumped when the shape changes: warm sandboxes of an older shape are recycled.
     version: int = 1
+    # Run by each warm sandbox as soon as it is up (entrypoint.py), before any claim.
+    entrypoint: list[str] | None = None
+    image_asked: str | None = None  # the image name as given (info reads it back)
 
-    def shape(self) -> tuple[str, float, int, int]:
-        return (self.image, self.cpus, self.memory_mb, self.disk_mb)
+    def shape(self) -> tuple[str, float, int, int, tuple[str, ...]]:
+        return (self.image, self.cpus, self.memory_mb, self.disk_mb, tuple(self.entrypoint or ()))
 
 
 def new_pool_id() -> str:
@@ -107,6 +112,8 @@ def parse_pool(body: Any, host_cpus: int | None = None) -> dict[str, Any]:
         "disk_mb": spec.disk_mb,
         "timeout_secs": spec.timeout_secs,
         "network": spec.network,
+        "entrypoint": spec.entrypoint,
+        "image_asked": spec.image_asked,
         "warm_containers": warm,
         "max_containers": max_c,
     }
@@ -119,6 +126,7 @@ class Pools:
         self._warm: dict[str, list[str]] = {}  # pool id -> ready sandbox ids, oldest first
         self._version: dict[str, int] = {}  # warm sandbox id -> the pool version it was made for
         self._filling: dict[str, int] = {}  # pool id -> starts in flight
+        self._entry: dict[str, Started] = {}  # warm sandbox id -> how its entrypoint started
 
     # -- reads ------------------------------------------------------------------
 
@@ -141,7 +149,7 @@ class Pools:
         out: dict[str, Any] = {
             "id": p.id,
             "namespace": p.namespace,
-            "image": p.image,
+            "image": p.image_asked or p.image,
             "resources": {"cpus": p.cpus, "memory_mb": p.memory_mb, "disk_mb": p.disk_mb},
             "timeout_secs": p.timeout_secs,
             "warm_containers": p.warm_containers,
@@ -152,6 +160,8 @@ class Pools:
             out["max_containers"] = p.max_containers
         if p.network is not None:
             out["network_policy"] = p.network
+        if p.entrypoint:
+            out["entrypoint"] = p.entrypoint
         if containers:
             idle = [
                 {"id": sid, "state": "Idle", "executor_id": EXECUTOR}
@@ -208,6 +218,7 @@ class Pools:
         self.table.delete(p.id)
         for sid in self._warm.pop(p.id, []):
             self._version.pop(sid, None)
+            self._entry.pop(sid, None)
             await self.m._teardown(sid)
 
     # -- claim ------------------------------------------------------------------
@@ -235,14 +246,19 @@ class Pools:
             disk_mb=p.disk_mb,
             timeout_secs=p.timeout_secs,
             network=p.network,
+            entrypoint=p.entrypoint,
+            image_asked=p.image_asked,
         )
         rec = Record.new(namespace, spec, time.time())
         rec.pool_id = p.id
         ready = self._warm.get(p.id, [])
         while ready:
             sid = ready.pop(0)
+            started = self._entry.pop(sid, None)
             if self._version.pop(sid, None) == p.version:
                 rec.id = sid
+                if started is not None:
+                    rec.entrypoint_pid, rec.entrypoint_error = started.pid, started.error
                 self.m._claimed.add(sid)
                 break
             self._spawn(self.m._teardown(sid))  # an older shape: recycled
@@ -263,6 +279,7 @@ class Pools:
             for sid in [s for s in ready if self._version.get(s) != p.version]:
                 ready.remove(sid)
                 self._version.pop(sid, None)
+                self._entry.pop(sid, None)
                 self._spawn(self.m._teardown(sid))
             target = p.warm_containers
             if p.max_containers is not None:
@@ -271,6 +288,7 @@ class Pools:
             while len(ready) + filling > target and ready:
                 sid = ready.pop()
                 self._version.pop(sid, None)
+                self._entry.pop(sid, None)
                 self._spawn(self.m._teardown(sid))
             for _ in range(target - len(ready) - filling):
                 self._filling[p.id] = self._filling.get(p.id, 0) + 1
@@ -291,13 +309,26 @@ class Pools:
         if cur is None or cur.version != p.version:
             await self.m._teardown(sid)  # deleted or reshaped while it started
             return
+        if p.entrypoint:
+            self._entry[sid] = await entrypoint.start(self.m.sessions.get(sid), p.entrypoint)
         self._version[sid] = p.version
         self._warm.setdefault(p.id, []).append(sid)
         self.fill()  # a claim meanwhile may have lowered the target
+
+    def forget(self, sid: str) -> bool:
+        """Drop a warm sandbox that died (the caller tears it down); False if not one of ours."""
+        for ready in self._warm.values():
+            if sid in ready:
+                ready.remove(sid)
+                self._version.pop(sid, None)
+                self._entry.pop(sid, None)
+                return True
+        return False
 
     def drain(self) -> list[str]:
         """Every warm sandbox, forgotten (the host is stopping and tears them down)."""
         out = [sid for ready in self._warm.values() for sid in ready]
         self._warm.clear()
         self._version.clear()
+        self._entry.clear()
         return out

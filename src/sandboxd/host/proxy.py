@@ -2,10 +2,14 @@
 
 The SDK names the sandbox with ``Host: <id>.local`` when ``sandbox_url`` is on
 127.0.0.1/localhost, and with ``X-Tensorlake-Sandbox-Id`` otherwise
-(``tensorlake-lifecycle.md`` §6). Bodies are relayed chunk by chunk as they
+(docs/self-hosted.md). Bodies are relayed chunk by chunk as they
 arrive, both ways, with no decompression, so SSE events reach the client as
 the daemon writes them and the bytes are the daemon's own. Websockets (PTY,
-tunnels) are relayed message by message, keeping each message's type.
+tunnels, an exposed port's app) are relayed message by message, keeping each
+message's type; a message over ``MAX_WS_MESSAGE`` (16 MiB) from either side
+is refused as its frame header arrives (close code 1009, "message too big")
+and never assembled, so whatever either side sends, a relay holds at most
+one bounded message in memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 from aiohttp.client_exceptions import UnixClientConnectorError
+
+from ..edge import MAX_WS_MESSAGE, error_response
 
 # RFC 9110 §7.6.1: connection-scoped headers are not forwarded. Host is
 # replaced by the connector's; content-length/transfer-encoding are re-derived.
@@ -138,10 +144,7 @@ class Sessions:
 
 
 def _unreachable(exc: Exception) -> web.Response:
-    return web.json_response(
-        {"error": f"the sandbox's daemon is unreachable: {exc}", "code": "SANDBOX_UNREACHABLE"},
-        status=502,
-    )
+    return error_response(502, "SANDBOX_UNREACHABLE", f"the sandbox's daemon is unreachable: {exc}")
 
 
 async def forward_http(
@@ -195,17 +198,17 @@ async def forward_ws(
             ),
             protocols=protocols,
             autoping=True,
-            max_msg_size=0,
+            max_msg_size=MAX_WS_MESSAGE,
         )
     except aiohttp.WSServerHandshakeError as exc:
         # The daemon refused the upgrade (404, 401, ...): pass its status on.
-        return web.json_response(
-            {"error": exc.message, "code": "UPSTREAM_REFUSED"}, status=exc.status
-        )
+        return error_response(exc.status, "UPSTREAM_REFUSED", exc.message)
     except (aiohttp.ClientError, OSError) as exc:
         return _unreachable(exc)
     client = web.WebSocketResponse(
-        protocols=[upstream.protocol] if upstream.protocol else (), max_msg_size=0, autoping=True
+        protocols=[upstream.protocol] if upstream.protocol else (),
+        max_msg_size=MAX_WS_MESSAGE,
+        autoping=True,
     )
     await client.prepare(request)
 

@@ -35,10 +35,11 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..engine.cgroups import _read, _write
+from ..engine import cgroupfs
 from . import mounts, runtime
 from .cgroup import CPU_PERIOD_US, SandboxCgroup, _set_memory_v1
-from .model import RUNNING, ApiError, Record, bad
+from .model import Record, bad
+from .states import Event
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -76,12 +77,12 @@ def _set(d: Path, limit: int, v1: bool) -> None:
     if v1:
         _set_memory_v1(d, limit)
     else:
-        _write(d / "memory.max", str(limit))
+        cgroupfs.write(d / "memory.max", str(limit))
 
 
 def _usage(d: Path, v1: bool) -> int:
     with contextlib.suppress(OSError, ValueError):
-        return int(_read(d / ("memory.usage_in_bytes" if v1 else "memory.current")))
+        return int(cgroupfs.read(d / ("memory.usage_in_bytes" if v1 else "memory.current")))
     return 0
 
 
@@ -89,7 +90,7 @@ def _unreclaimable(d: Path) -> int:
     """cgroup v2: what a limit cannot push out without killing (usage minus page cache)."""
     used = _usage(d, False)
     with contextlib.suppress(OSError, ValueError):
-        for line in _read(d / "memory.stat").splitlines():
+        for line in cgroupfs.read(d / "memory.stat").splitlines():
             key, _, value = line.partition(" ")
             if key == "file":
                 return max(0, used - int(value))
@@ -141,9 +142,9 @@ def set_cpus(cg: SandboxCgroup, cpus: float) -> None:
     quota = max(1000, int(cpus * CPU_PERIOD_US))
     try:
         if "cpu" in cg.dirs:
-            _write(cg.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+            cgroupfs.write(cg.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
         elif cg.unified is not None and "cpu" in cg.h.v2_controllers:
-            _write(cg.unified / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            cgroupfs.write(cg.unified / "cpu.max", f"{quota} {CPU_PERIOD_US}")
     except OSError as exc:
         raise ResizeFailed(f"cannot set the CPU quota: {exc}") from exc
 
@@ -239,10 +240,7 @@ async def resize(m: Manager, rec: Record, given: dict[str, Any]) -> Record:
 async def _resize(m: Manager, rec: Record, given: dict[str, Any]) -> Record:
     cur = m.store.snapshot(rec.id)
     assert cur is not None
-    if cur.status != RUNNING:
-        raise ApiError(
-            409, "NOT_RUNNING", f"a resize needs a running sandbox; {cur.id} is {cur.status}"
-        )
+    m.admit(cur, Event.RESIZE)  # 409 NOT_RUNNING: a resize needs a running sandbox
     disk_mb = given.get("disk_mb", cur.disk_mb)
     if disk_mb < cur.disk_mb:
         raise bad(

@@ -16,7 +16,8 @@ What a sandbox is, from the inside out:
 - **Namespaces**: pid, mount, ipc, uts (hostname = the sandbox id), cgroup, and
   net: a prepared one (``network.py``: veth and policy) or a new one with
   loopback only.
-- **System calls**: a seccomp deny list (``seccomp.py``) for every process.
+- **System calls**: a seccomp allow list (``seccomp.py``) for every process; no
+  nested user or network namespaces unless the host allows them.
 - **The daemon** is the host's interpreter and installed package, bound
   read-only under ``/run/sandboxd-rt`` (:class:`DaemonRuntime`), started
   through the image's dynamic loader with the host interpreter's own library
@@ -24,8 +25,19 @@ What a sandbox is, from the inside out:
   compatible glibc. Nothing of this leaks into the environment of the
   processes it starts.
 
-The host talks to the daemon over ``<sandbox dir>/run/d.sock``, which the
-sandbox sees as ``/run/sandboxd/d.sock``: no TCP port per sandbox.
+The host talks to the daemon over ``<sandbox dir>/d.sock``, a unix socket the
+host binds and listens on itself (in a dir only root can enter) and hands to
+the daemon as an inherited descriptor (``serve --listen-fd``). The sandbox never
+sees the socket's path, so nothing inside can replace it, and no user of the
+machine but root can connect to it, whatever uid it manages to become.
+
+What the sandbox gets from the host is only what is listed above: the launch
+runs with a fixed, minimal environment (``LAUNCH_ENV``), not the host's, so
+neither the sandbox's PID 1 (bwrap) nor the daemon can read the operator's
+variables; every path it can write is its own ``disk_mb`` disk or a tmpfs of a
+fixed size charged to its memory cgroup; its user namespace is owned by a uid
+of its own (:func:`owner_uid`), so the kernel's per-user counters (inotify
+instances, namespaces) charge that uid, not the host's root.
 """
 
 from __future__ import annotations
@@ -35,24 +47,36 @@ import contextlib
 import ctypes
 import os
 import platform
+import resource
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
+from ..edge.connections import STARTED_WITH_NOFILE
 from . import cgroup as cg
 from . import disk, mounts, seccomp
 from .images import UID_COUNT, Image
 
 SOCKET_NAME = "d.sock"
-INNER_RUN = "/run/sandboxd"
 INNER_RT = "/run/sandboxd-rt"
+# Sizes of the sandbox's tmpfs mounts (memory, charged to its cgroup too).
+RUN_TMPFS_BYTES = 64 << 20
+SHM_TMPFS_BYTES = 64 << 20
+# Owners of the sandboxes' user namespaces: one uid per sandbox, far above any
+# real user and the sandboxes' own range (UID_OFFSET..+65535). The kernel
+# charges a user namespace's inotify instances, namespaces and the like to its
+# owner in the parent namespace, so each sandbox spends only its own budget.
+OWNER_BASE = 0x6000_0000
+OWNER_SLOTS = 1 << 24
 PIDS_LIMIT = 1024
 # The sandbox's daemon keeps this much for itself (its --memory-reserve), on top
 # of memory_mb: processes get exactly memory_mb, and an OOM kills one of them,
@@ -62,8 +86,12 @@ DAEMON_RESERVE_MB = 64
 MAX_SOCKET_PATH = 107
 LOG_TAIL = 2000
 LOG_NAME = "daemon.log"
-MS_NODEV = 4  # linux/mount.h
+MS_NOSUID = 2  # linux/mount.h
+MS_NODEV = 4
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The launcher's whole environment: nothing of the operator's reaches a sandbox
+# (bwrap, the sandbox's PID 1, keeps the environment it was started with).
+LAUNCH_ENV = {"PATH": PATH, "LANG": "C.UTF-8"}
 
 BWRAP = "bwrap"
 # The dynamic loader at the same path in the host and in a glibc image.
@@ -98,12 +126,9 @@ class Layout:
         return self.state_dir / "sandboxes" / self.sandbox_id
 
     @property
-    def run_dir(self) -> Path:
-        return self.dir / "run"
-
-    @property
     def socket(self) -> Path:
-        return self.run_dir / SOCKET_NAME
+        """The daemon's socket: bound by the host, reached only by root."""
+        return self.dir / SOCKET_NAME
 
     @property
     def log(self) -> Path:
@@ -209,7 +234,7 @@ class DaemonRuntime:
     def binds(self) -> list[tuple[str, str]]:
         return [(str(self.host_dir / n), f"{INNER_RT}/{n}") for n in self.sources]
 
-    def argv(self, cgroups: bool = True) -> list[str]:
+    def argv(self, listen_fd: int, cgroups: bool = True, user: str | None = None) -> list[str]:
         site = [f"{INNER_RT}/{n}" for n in self.sources if n != "py"]
         # -I: no PYTHON* variables, no user site, no cwd on sys.path.
         boot = (
@@ -227,13 +252,16 @@ class DaemonRuntime:
             "-c",
             boot,
             "serve",
-            "--unix",
-            f"{INNER_RUN}/{SOCKET_NAME}",
+            "--listen-fd",
+            str(listen_fd),
             "--memory-reserve",
             f"{DAEMON_RESERVE_MB}M",
             "--log-level",
             "warning",
         ]
+        # issue 17: the image's User is the default of processes that name none.
+        if user:
+            argv += ["--default-user", user]
         # Without the sandbox's cgroups bound in, cgroupfs is read-only inside.
         return argv if cgroups else [*argv, "--no-cgroups"]
 
@@ -248,8 +276,13 @@ def bwrap_argv(
     cgroup_binds: list[tuple[str, str]] | None = None,
     netns: str | None = None,
     seccomp_fd: int | None = None,
+    cwd: str = "/root",
+    image_env: list[tuple[str, str]] | None = None,
 ) -> list[str]:
     """The command line for one sandbox (pure: tested without running it).
+
+    ``cwd`` and ``image_env``: the image's WorkingDir and Env (issue 17), the
+    daemon's and so its processes' defaults; Env comes after ours and wins.
 
     ``nsenter`` joins the prepared user namespace (and the prepared network
     namespace, if any) and becomes root in it; bwrap, unprivileged outside,
@@ -276,16 +309,23 @@ def bwrap_argv(
         "/proc",
         "--dev",
         "/dev",
+        # Fixed sizes: nothing the sandbox writes lands on the host's disk, and
+        # its memory cgroup is charged for these pages as well.
+        "--size",
+        str(SHM_TMPFS_BYTES),
         "--tmpfs",
         "/dev/shm",
+        "--size",
+        str(RUN_TMPFS_BYTES),
         "--tmpfs",
         "/run",
         "--ro-bind",
         "/sys",
         "/sys",
-        "--bind",
-        str(layout.run_dir),
-        INNER_RUN,
+        # bwrap's /dev is a tmpfs of no fixed size: read-only once its nodes are
+        # made (/dev/shm and /dev/pts are mounts of their own and stay writable).
+        "--remount-ro",
+        "/dev",
     ]
     for src, dst in ro_binds or []:
         argv += ["--ro-bind", src, dst]
@@ -297,7 +337,7 @@ def bwrap_argv(
         argv += ["--seccomp", str(seccomp_fd)]
     argv += [
         "--chdir",
-        "/root",
+        cwd,
         "--clearenv",
         "--setenv",
         "PATH",
@@ -311,6 +351,10 @@ def bwrap_argv(
         "--setenv",
         "HOSTNAME",
         hostname,
+    ]
+    for key, value in image_env or []:
+        argv += ["--setenv", key, value]
+    argv += [
         "--",
         *inner,
     ]
@@ -321,17 +365,17 @@ def bwrap_argv(
 
 
 def make_dirs(layout: Layout, disk_mb: int | None, uid: int) -> None:
-    """The sandbox's dir, its disk (when ``disk_mb``), the layer dirs and the socket dir."""
+    """The sandbox's dir (root's alone), its disk (when ``disk_mb``) and the layer dirs."""
     if len(str(layout.socket)) > MAX_SOCKET_PATH:
         raise LaunchError(
             f"socket path {layout.socket} is longer than {MAX_SOCKET_PATH} bytes; "
             "use a shorter --state-dir"
         )
     layout.dir.mkdir(parents=True, exist_ok=True)
-    # The sandbox's uid goes through here (to its root and socket); nobody lists it.
-    os.chmod(layout.dir, 0o711)
-    layout.run_dir.mkdir(exist_ok=True)
-    os.chown(layout.run_dir, uid, uid)
+    # Entered by root and by the sandboxes' own gid (bwrap, as the sandbox's
+    # root, binds the overlay below it by path), by no other user of the machine.
+    os.chown(layout.dir, 0, uid)
+    os.chmod(layout.dir, 0o710)
     layout.rw.mkdir(exist_ok=True)
     layout.root.mkdir(exist_ok=True)
     if disk_mb is not None:
@@ -344,8 +388,25 @@ def make_dirs(layout: Layout, disk_mb: int | None, uid: int) -> None:
 def mount_root(layout: Layout, image: Image) -> None:
     opts = f"lowerdir={image.rootfs},upperdir={layout.upper},workdir={layout.work}"
     # nodev: a device node in an image (or made in the layer) opens nothing;
-    # the sandbox's /dev is bwrap's own.
-    _mount("overlay", str(layout.root), "overlay", MS_NODEV, opts)
+    # the sandbox's /dev is bwrap's own. nosuid: a setuid file the sandbox
+    # plants raises nobody's privileges, outside or inside (the daemon switches
+    # users itself, with no setuid program).
+    _mount("overlay", str(layout.root), "overlay", MS_NODEV | MS_NOSUID, opts)
+
+
+def listen(layout: Layout) -> socket.socket:
+    """The daemon's listening socket, made by the host (root-only, 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(layout.socket)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(layout.socket))
+        os.chmod(layout.socket, 0o600)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
@@ -382,12 +443,23 @@ def remove_dir(layout: Layout) -> None:
 # -- the user namespace ----------------------------------------------------------
 
 
-async def make_userns(uid_offset: int) -> int:
-    """A user namespace mapping 0..65535 to ``uid_offset``..; returns an fd to it.
+def owner_uid(sandbox_id: str) -> int:
+    """The uid that owns a sandbox's user namespace (see ``OWNER_BASE``).
 
-    A short-lived ``unshare --user`` process makes it, the host writes the
-    maps (root may map any range; no /etc/subuid), and the fd keeps it alive
-    after that process is gone, until nsenter has joined it.
+    From the id, so a restarted host finds the same one; two live sandboxes
+    share one with odds of about n²/2²⁵ (n = 200: 0.1 %), and then share one
+    budget of kernel counters, still not root's.
+    """
+    return OWNER_BASE + zlib.crc32(sandbox_id.encode()) % OWNER_SLOTS
+
+
+async def make_userns(uid_offset: int, owner: int) -> int:
+    """A user namespace owned by ``owner``, mapping 0..65535 to ``uid_offset``..; an fd to it.
+
+    A short-lived ``unshare --user`` process running as ``owner`` makes it (the
+    kernel charges the namespace's per-user counters to its creator's uid), the
+    host writes the maps (root may map any range; no /etc/subuid), and the fd
+    keeps it alive after that process is gone, until nsenter has joined it.
     """
     holder = await asyncio.create_subprocess_exec(
         "unshare",
@@ -398,6 +470,10 @@ async def make_userns(uid_offset: int) -> int:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
+        env=LAUNCH_ENV,
+        user=owner,
+        group=owner,
+        extra_groups=[],
     )
     try:
         mine = os.readlink("/proc/self/ns/user")
@@ -435,8 +511,12 @@ async def launch(
     *,
     netns: str | None = None,
     seed: Callable[[Path], None] | None = None,
+    nested_userns: bool = False,
 ) -> asyncio.subprocess.Process:
     """Start the sandbox; returns the launcher's process (the daemon may not answer yet).
+
+    ``nested_userns``: the seccomp filter lets root inside make user and
+    network namespaces of its own (podman, bwrap inside); off by default.
 
     ``netns``: a network namespace path (``/run/netns/<name>``) to run the
     sandbox in; None = a new one with loopback only. ``seed``: called with the
@@ -445,18 +525,21 @@ async def launch(
     """
     uid = image.uid_offset
     await asyncio.to_thread(make_dirs, layout, disk_mb, uid)
+    listener = await asyncio.to_thread(listen, layout)
     if seed is not None:
         await asyncio.to_thread(seed, layout.rw)
     await asyncio.to_thread(mount_root, layout, image)
     if cgroup is not None:
         await asyncio.to_thread(cgroup.delegate, uid)
     procs = cgroup.procs_files() if cgroup is not None else []
-    fds: list[int] = []
+    fds: list[int] = [listener.detach()]
     log = None
     try:
-        userns = await make_userns(uid)
+        userns = await make_userns(uid, owner_uid(hostname))
         fds.append(userns)
-        filter_fd = seccomp.memfd() if seccomp.supported() else None
+        filter_fd = (
+            seccomp.memfd(allow_nested_userns=nested_userns) if seccomp.supported() else None
+        )
         if filter_fd is not None:
             fds.append(filter_fd)
         # On the sandbox's own disk: what its daemon prints counts against disk_mb.
@@ -465,26 +548,40 @@ async def launch(
             *bwrap_argv(
                 layout,
                 hostname,
-                daemon.argv(cgroups=cgroup is not None),
+                daemon.argv(fds[0], cgroups=cgroup is not None, user=image.config.user),
                 userns=f"/proc/self/fd/{userns}",
                 ro_binds=daemon.binds(),
                 cgroup_binds=cgroup.binds() if cgroup is not None else None,
                 netns=netns,
                 seccomp_fd=filter_fd,
+                cwd=image.cwd,
+                image_env=image.config.env_pairs(),
             ),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            env=LAUNCH_ENV,
             pass_fds=fds,
             # Own session: a Ctrl-C at the host's terminal is not the sandbox's.
             start_new_session=True,
-            preexec_fn=(lambda: cg.join(procs)) if procs else None,
+            preexec_fn=lambda: _enter(procs),
         )
     finally:
         if log is not None:
             log.close()
         for fd in fds:
             os.close(fd)
+
+
+def _enter(procs: list[str]) -> None:
+    """In the launcher's child, before exec: its cgroups, and the operator's descriptor limit.
+
+    The host raised its own soft limit for its connections (``edge``); a
+    sandbox starts from the limit the host was started with, as any service would.
+    """
+    if procs:
+        cg.join(procs)
+    resource.setrlimit(resource.RLIMIT_NOFILE, STARTED_WITH_NOFILE)
 
 
 def log_tail(layout: Layout) -> str:

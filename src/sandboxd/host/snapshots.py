@@ -13,9 +13,13 @@ The sandbox is frozen (cgroup v2 freezer) while tar reads it, so the copy is
 consistent, and thawed afterwards whatever happened; a suspended sandbox is
 already frozen and stays so. Its status reads ``snapshotting`` meanwhile.
 
-Memory snapshots are refused: CRIU, the only way to save processes here,
-fails its kernel check on this machine (``criu check``: "Unexpected rt vDSO
-area bounds"), and a filesystem snapshot is never passed off as one.
+Memory snapshots (``snapshot_type: "memory"``) are taken by runsc, for
+sandboxes on the gVisor runtime's own network stack (``checkpoint.py``): the
+same archive of the layer, plus runsc's image of the sandbox's memory and
+processes (zstd) in ``<id>.mem/``. Elsewhere they are refused (400
+``UNSUPPORTED_SNAPSHOT_TYPE``, saying what to run instead): CRIU, the only way
+to save processes under bubblewrap, fails its kernel check on this machine, and
+a filesystem snapshot is never passed off as one.
 
 A restore (``POST …/sandboxes {"snapshot_id"}``) makes a fresh sandbox whose
 writable dir is filled from the archive before anything runs in it
@@ -38,9 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import runtime
+from . import checkpoint, gvisor, runtime, states
 from .catalog import Catalog
-from .model import RUNNING, SNAPSHOTTING, SUSPENDED, ApiError, Record, bad, canonical_image
+from .model import RUNNING, SNAPSHOTTING, ApiError, Record, bad, canonical_image
+from .states import Event
 
 if TYPE_CHECKING:
     from .cgroup import SandboxCgroup
@@ -59,12 +64,11 @@ ANSWER_WITHIN_S = 30.0
 # How long a request through the proxy waits for a snapshot to thaw the sandbox.
 PROXY_WAIT_S = 60.0
 
-MEMORY_REFUSAL = (
-    "memory snapshots are impossible on this host: CRIU, the only way to save "
-    "running processes here, fails its kernel check on this kernel ('criu check': "
-    "Unexpected rt vDSO area bounds), so processes cannot be checkpointed. Take a "
-    "filesystem snapshot (the default, or snapshot_type 'filesystem'): restores "
-    "get the files, and start fresh processes"
+MEMORY_REFUSAL = checkpoint.BWRAP_REFUSAL
+# What a memory snapshot's info says cannot come back (issue 21, "honest limits").
+MEMORY_LIMITS = (
+    "restores processes, memory and files; not connections open at the time "
+    "(TCP peers see them reset), and only on a host with the same gVisor release"
 )
 # Top-level entries of the rw dir that are not the sandbox's state.
 NOT_STATE = frozenset({"lost+found", "work", runtime.LOG_NAME})
@@ -72,6 +76,18 @@ NOT_STATE = frozenset({"lost+found", "work", runtime.LOG_NAME})
 
 class SnapshotError(Exception):
     pass
+
+
+class Unrestorable(SnapshotError):
+    """The layer holds a path a restore could not make: the snapshot is refused."""
+
+    code = "SNAPSHOT_UNRESTORABLE"
+
+
+# A restore's tar makes each member by its name relative to the new rw dir; a
+# name of PATH_MAX bytes or more fails there ("File name too long"), so the
+# snapshot would be taken and never restored.
+PATH_MAX = 4096
 
 
 @dataclass(slots=True)
@@ -98,7 +114,7 @@ def new_snapshot_id() -> str:
 
 
 def info(s: Snapshot) -> dict[str, Any]:
-    """SnapshotInfo (``tensorlake-lifecycle.md`` §4.4): only ``id``, never also ``snapshot_id``."""
+    """SnapshotInfo (docs/self-hosted.md): only ``id``, never also ``snapshot_id``."""
     out: dict[str, Any] = {
         "id": s.id,
         "namespace": s.namespace,
@@ -108,13 +124,16 @@ def info(s: Snapshot) -> dict[str, Any]:
         "base_image": s.base_image,
         "resources": {"cpus": s.cpus, "memory_mb": s.memory_mb, "disk_mb": s.disk_mb},
         "rootfs_disk_bytes": s.disk_mb << 20,
-        "snapshot_format_version": f"tar+{'zstd' if s.compression == 'zst' else 'gzip'}",
+        "snapshot_format_version": f"tar+{'zstd' if s.compression == 'zst' else 'gzip'}"
+        + ("+runsc-checkpoint" if s.snapshot_type == MEMORY else ""),
         "created_at": s.created_at,
     }
     if s.size_bytes is not None:
         out["size_bytes"] = s.size_bytes
     if s.error is not None:
         out["error"] = s.error
+    if s.snapshot_type == MEMORY:
+        out["limits"] = MEMORY_LIMITS
     return out
 
 
@@ -173,11 +192,51 @@ def _tar(argv: list[str]) -> None:
         raise SnapshotError(f"tar failed (status {r.returncode}): {msg or 'no message'}")
 
 
+def _inside(member: str) -> str:
+    """A member name as the sandbox sees the path (``./upper/root/x`` -> ``/root/x``)."""
+    rel = member.removeprefix("./")
+    return "/" + rel.removeprefix("upper/") if rel.startswith("upper/") else "/" + rel
+
+
+def too_long(rw: Path, names: list[str]) -> str | None:
+    """The first member name a restore could not make (PATH_MAX), if any.
+
+    Walks by directory descriptor (``os.fwalk``): the host's own path to a
+    deep file is longer still, and would fail as the restore does.
+    """
+    for name in names:
+        if len(name.encode()) >= PATH_MAX:
+            return name
+        top = rw / name
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for dirpath, dirnames, filenames, _fd in os.fwalk(top):
+            rel = name + dirpath[len(str(top)) :]
+            # Files, links and dirs alike: each is a member named rel/entry.
+            for entry in (*dirnames, *filenames):
+                member = f"{rel}/{entry}"
+                if len(member.encode(errors="surrogateescape")) >= PATH_MAX:
+                    return member
+    return None
+
+
 def archive(rw: Path, dest: Path, kind: str) -> int:
-    """Archive ``rw`` into ``dest`` atomically (temp file, fsync, rename); returns its size."""
+    """Archive ``rw`` into ``dest`` atomically (temp file, fsync, rename); returns its size.
+
+    Raises :class:`Unrestorable` (and writes nothing) when a path in it is
+    too long for a restore to make.
+    """
+    names = members(rw)
+    deep = too_long(rw, names)
+    if deep is not None:
+        shown = _inside(deep)
+        raise Unrestorable(
+            f"the sandbox has a path of {len(shown.encode())} bytes, longer than a restore can "
+            f"make (PATH_MAX {PATH_MAX}): {shown[:200]}…; shorten or remove it, then snapshot again"
+        )
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
-        _tar(archive_argv(rw, tmp, kind, members(rw)))
+        _tar(archive_argv(rw, tmp, kind, names))
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -223,6 +282,14 @@ class Snapshots:
     def path(self, s: Snapshot) -> Path:
         return self.dir / f"{s.id}.tar.{s.compression}"
 
+    def mem_path(self, s: Snapshot) -> Path:
+        """A memory snapshot's runsc image (zstd) and the daemon's token."""
+        return self.dir / f"{s.id}.mem"
+
+    def memory_refusal(self, rec: Record) -> str | None:
+        """Why ``rec`` cannot be snapshotted with its processes, if it cannot."""
+        return checkpoint.refusal(self.m, rec.id)
+
     # -- start-up ---------------------------------------------------------------
 
     def recover(self) -> None:
@@ -239,15 +306,14 @@ class Snapshots:
         with contextlib.suppress(OSError):
             for f in self.dir.iterdir():
                 if f.name.startswith(".") and f.name.endswith(".tmp"):
-                    f.unlink()
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
         for rec in self.m.store.all():
-            if rec.status == SNAPSHOTTING and rec.status_before == SUSPENDED:
-                cur = self.m.store.snapshot(rec.id)
-                assert cur is not None
-                cur.status, cur.status_before = SUSPENDED, None
-                self.m.store.put(cur)
-                continue
-            if rec.status not in (RUNNING, SNAPSHOTTING) or not self.m.cgroups.usable:
+            if rec.status == SNAPSHOTTING:
+                # Back to what it was before: suspended stays frozen; running is thawed below.
+                rec = states.advance(self.m.store, rec.id, Event.SNAPSHOT_DONE)
+                if rec.status != RUNNING:
+                    continue
+            if rec.status != RUNNING or not self.m.cgroups.usable:
                 continue
             cgroup = self.m.cgroups.sandbox(rec.id)
             with contextlib.suppress(OSError):
@@ -257,11 +323,6 @@ class Snapshots:
                 ):  # type: ignore[operator]
                     log.info("sandbox %s was left frozen by a snapshot; thawing it", rec.id)
                     cgroup.freeze(False)
-            if rec.status == SNAPSHOTTING:
-                cur = self.m.store.snapshot(rec.id)
-                assert cur is not None
-                cur.status, cur.status_before = RUNNING, None
-                self.m.store.put(cur)
 
     # -- reads ------------------------------------------------------------------
 
@@ -284,28 +345,30 @@ class Snapshots:
     # -- take -------------------------------------------------------------------
 
     @staticmethod
-    def parse_type(body: Any) -> str:
+    def parse_type(body: Any, memory_refusal: str | None = MEMORY_REFUSAL) -> str:
+        """The body's snapshot_type; ``memory_refusal`` (None: allowed) answers "memory"."""
         if body in ({}, None):
             return FILESYSTEM
         if not isinstance(body, dict) or set(body) - {"snapshot_type"}:
             raise bad("INVALID_BODY", "the body may only carry snapshot_type")
         kind = body.get("snapshot_type") or FILESYSTEM
+        if kind == MEMORY and memory_refusal is not None:
+            raise bad("UNSUPPORTED_SNAPSHOT_TYPE", memory_refusal)
         if kind == MEMORY:
-            raise bad("UNSUPPORTED_SNAPSHOT_TYPE", MEMORY_REFUSAL)
+            return kind
         if kind != FILESYSTEM:
             raise bad("INVALID_SNAPSHOT_TYPE", "snapshot_type must be 'filesystem' or 'memory'")
         return kind
 
-    def take(self, rec: Record) -> tuple[Snapshot, asyncio.Task[None]]:
+    def take(self, rec: Record, kind: str = FILESYSTEM) -> tuple[Snapshot, asyncio.Task[None]]:
         """Mark the sandbox ``snapshotting`` and start archiving it in the background."""
         cur = self.m.store.snapshot(rec.id)
         assert cur is not None
-        if cur.status == SNAPSHOTTING:
-            raise ApiError(
-                409, "SNAPSHOT_IN_PROGRESS", f"sandbox {rec.id} is already being snapshotted"
-            )
-        if cur.status not in (RUNNING, SUSPENDED):
-            raise ApiError(409, "NOT_RUNNING", f"sandbox {rec.id} is {cur.status}")
+        self.m.admit(cur, Event.SNAPSHOT)  # 409 SNAPSHOT_IN_PROGRESS, NOT_RUNNING
+        if kind == MEMORY:
+            why = self.memory_refusal(cur)
+            if why is not None:
+                raise bad("UNSUPPORTED_SNAPSHOT_TYPE", why)
         snap = Snapshot(
             id=new_snapshot_id(),
             namespace=cur.namespace,
@@ -317,13 +380,16 @@ class Snapshots:
             disk_mb=cur.disk_mb,
             created_at=time.time(),
             compression=compression(),
+            snapshot_type=kind,
         )
         self.table.put(snap)
         prior = cur.status
-        cur.status, cur.status_before = SNAPSHOTTING, prior
-        self.m.store.put(cur)
+        states.advance(self.m.store, cur.id, Event.SNAPSHOT)
         self._settled[cur.id] = asyncio.Event()
-        return snap, self.m.own(self._run(snap, cur.id, prior))
+        task = self.m.own(self._run(snap, cur.id, prior))
+        # A refusal nobody waits for any more is not an error of the host's.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return snap, task
 
     async def _run(self, snap: Snapshot, sandbox_id: str, prior: str) -> None:
         cg = self.m.cgroups
@@ -333,19 +399,33 @@ class Snapshots:
         if prior == RUNNING and freeze is None:
             log.warning("sandbox %s cannot be frozen: its snapshot may be torn", sandbox_id)
         t0 = time.monotonic()
+        refused: ApiError | None = None
+        rw = self.m.layout(sandbox_id).rw
         try:
-            size = await asyncio.to_thread(
-                frozen_archive,
-                freeze,
-                self.m.layout(sandbox_id).rw,
-                self.path(snap),
-                snap.compression,
-            )
+            if snap.snapshot_type == MEMORY:
+                # runsc stops the processes while it saves them: no freeze.
+                size = await checkpoint.memory_snapshot(
+                    self.m,
+                    sandbox_id,
+                    prior,
+                    self.mem_path(snap),
+                    lambda: archive(rw, self.path(snap), snap.compression),
+                )
+            else:
+                size = await asyncio.to_thread(
+                    frozen_archive, freeze, rw, self.path(snap), snap.compression
+                )
         except asyncio.CancelledError:
             raise  # the host stops: the thread still thaws; the next start fails the record
-        except (OSError, SnapshotError) as exc:
+        except (OSError, SnapshotError, gvisor.CheckpointError) as exc:
+            # Nothing half-written stays: neither the archive nor the image.
+            with contextlib.suppress(OSError):
+                self.path(snap).unlink()
+            shutil.rmtree(self.mem_path(snap), ignore_errors=True)
             snap.status, snap.error = FAILED, str(exc)
             log.warning("snapshot %s of %s failed: %s", snap.id, sandbox_id, exc)
+            if isinstance(exc, Unrestorable):
+                refused = ApiError(409, exc.code, f"snapshot {snap.id} refused: {exc}")
         else:
             snap.status, snap.size_bytes = COMPLETED, size
             snap.completed_at = time.time()
@@ -358,16 +438,17 @@ class Snapshots:
                 snap.duration_ms,
             )
         self.table.put(snap)
-        cur = self.m.store.snapshot(sandbox_id)
-        # A DELETE during the snapshot already made it terminated: leave that alone.
-        if cur is not None and cur.status == SNAPSHOTTING:
-            cur.status, cur.status_before = prior, None
-            self.m.store.put(cur)
-            if prior == RUNNING and cur.id not in self.m._timers:
-                self.m._arm_timer(cur)  # its timeout fired meanwhile: honour it now
+        # Refused when a DELETE during the snapshot already made it terminated.
+        cur = states.try_advance(self.m.store, sandbox_id, Event.SNAPSHOT_DONE)
+        if cur is not None and cur.status == RUNNING and cur.id not in self.m._timers:
+            self.m._arm_timer(cur)  # its timeout fired meanwhile: honour it now
         event = self._settled.pop(sandbox_id, None)
         if event is not None:
             event.set()
+        if refused is not None:
+            # The request that waits on this answers 409 with the code; one that
+            # answered already (202) left the SDK polling, which reads the error.
+            raise refused
 
     async def settled(self, sandbox_id: str, timeout_s: float = PROXY_WAIT_S) -> None:
         """Until the sandbox's snapshot (if any) is over."""
@@ -384,6 +465,7 @@ class Snapshots:
             raise ApiError(409, "SNAPSHOT_IN_PROGRESS", f"snapshot {s.id} is still being written")
         with contextlib.suppress(FileNotFoundError):
             self.path(s).unlink()
+        shutil.rmtree(self.mem_path(s), ignore_errors=True)
         self.table.delete(s.id)
 
     # -- restore ----------------------------------------------------------------
@@ -406,6 +488,10 @@ class Snapshots:
                 "SNAPSHOT_NOT_READY",
                 f"snapshot {s.id} is {s.status}" + (f": {s.error}" if s.error else ""),
             )
+        if s.snapshot_type == MEMORY:
+            why = checkpoint.refusal(self.m)
+            if why is not None:
+                raise ApiError(409, checkpoint.MEMORY_NEEDS_GVISOR, f"snapshot {s.id}: {why}")
         out = dict(body)
         image = out.get("image")
         if image is None:
@@ -425,7 +511,18 @@ class Snapshots:
         return out
 
     def seed(self, snapshot_id: str) -> Callable[[Path], None]:
-        """For ``runtime.launch(seed=…)``: fill a new sandbox's rw dir from the snapshot."""
+        """For ``runtime.launch(seed=…)``: fill a new sandbox's rw dir from the snapshot.
+
+        A memory snapshot's seed also unpacks runsc's image beside the rw dir
+        (``gvisor.RESTORE_IMAGE``) and carries the daemon's token (``memory``).
+        """
+        s = self.table.get(snapshot_id)
+        memory = None
+        if s is not None and s.snapshot_type == MEMORY:
+            try:
+                memory = gvisor.MemoryImage(checkpoint.token_of(self.mem_path(s)))
+            except (OSError, ValueError, KeyError) as exc:
+                raise runtime.LaunchError(f"snapshot {snapshot_id} is unreadable: {exc}") from exc
 
         def fill(rw: Path) -> None:
             s = self.table.get(snapshot_id)
@@ -433,7 +530,9 @@ class Snapshots:
                 raise runtime.LaunchError(f"snapshot {snapshot_id} is gone")
             try:
                 extract(self.path(s), rw, s.compression)
+                if memory is not None:
+                    checkpoint.unpack(self.mem_path(s), rw.parent / gvisor.RESTORE_IMAGE)
             except (OSError, SnapshotError) as exc:
                 raise runtime.LaunchError(f"restoring snapshot {snapshot_id}: {exc}") from exc
 
-        return fill
+        return checkpoint.Seed(fill, memory)

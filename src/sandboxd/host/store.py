@@ -9,8 +9,10 @@ caller tried.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -25,8 +27,21 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     data TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS live_names ON sandboxes(namespace, name)
-    WHERE name IS NOT NULL AND status IN ({", ".join(repr(s) for s in sorted(LIVE))});
+    WHERE name IS NOT NULL AND status IN ({", ".join(repr(str(s)) for s in sorted(LIVE))});
 """
+
+
+# Ended records kept as the archive (archive.py); past this many the oldest go.
+ARCHIVE_MAX_ENV = "SANDBOXD_ARCHIVE_MAX"
+DEFAULT_ARCHIVE_MAX = 1000
+
+
+def archive_max_from_env() -> int:
+    raw = os.environ.get(ARCHIVE_MAX_ENV, "")
+    try:
+        return max(0, int(raw)) if raw else DEFAULT_ARCHIVE_MAX
+    except ValueError:
+        return DEFAULT_ARCHIVE_MAX
 
 
 class NameTaken(ApiError):
@@ -34,9 +49,24 @@ class NameTaken(ApiError):
         super().__init__(409, "NAME_TAKEN", f"a live sandbox is already named {name!r}")
 
 
+def connect_private(path: Path) -> sqlite3.Connection:
+    """Open (or make) a database only root can read.
+
+    Records name every sandbox, its network policy and its labels: nothing for
+    other users of the machine. SQLite gives the ``-wal`` and ``-shm`` files the
+    mode of the database file, so making that one 0600 first covers them.
+    """
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)  # made by an older version, world-readable
+    return sqlite3.connect(path, isolation_level=None)
+
+
 class Store:
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
+    def __init__(self, path: Path, archive_max: int | None = None) -> None:
+        self.archive_max = archive_max_from_env() if archive_max is None else archive_max
+        self._db = connect_private(path)
         # WAL: a crash mid-write leaves the previous state, and readers of the
         # file (an operator's sqlite3 shell) do not block us.
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -87,6 +117,18 @@ class Store:
         except sqlite3.IntegrityError as exc:
             raise NameTaken(rec.name or "") from exc
         self._records[rec.id] = dataclasses.replace(rec)
+        if not rec.live:
+            self._evict_archived()
+
+    def _evict_archived(self) -> None:
+        """Keep at most ``archive_max`` ended records: the oldest ends go first."""
+        ended = [r for r in self._records.values() if not r.live]
+        if len(ended) <= self.archive_max:
+            return
+        ended.sort(key=lambda r: (r.terminated_at or r.created_at, r.id))
+        for r in ended[: len(ended) - self.archive_max]:
+            self._db.execute("DELETE FROM sandboxes WHERE id = ?", (r.id,))
+            del self._records[r.id]
 
     def snapshot(self, sandbox_id: str) -> Record | None:
         """A copy the caller may change and then :meth:`put` back."""

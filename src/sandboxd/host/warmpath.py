@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import os
 
-from ..engine.cgroups import _find_mounts, _own_paths
+from ..engine import cgroupfs
 
 _procs: str | bool | None = False  # False: not looked up yet
 
@@ -35,8 +35,8 @@ _procs: str | bool | None = False  # False: not looked up yet
 def _own_procs_file() -> str | None:
     """``cgroup.procs`` of the cgroup this process is in (v1 memory, else v2)."""
     with contextlib.suppress(OSError, ValueError, KeyError):
-        mounts = _find_mounts()
-        v1_paths, v2_path = _own_paths()
+        mounts = cgroupfs.find_mounts()
+        v1_paths, v2_path = cgroupfs.own_paths()
         if "memory" in mounts.v1 and "memory" in v1_paths:
             return f"{mounts.v1['memory']}{v1_paths['memory'].rstrip('/')}/cgroup.procs"
         if mounts.v2 is not None and v2_path is not None:

@@ -33,13 +33,10 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .. import __version__
-from ..engine._state import ProcessStatus
-from ..engine.output import STDERR, STDOUT, STREAM_NAMES
-from ..engine.spawn import SpawnError
+from ..engine import STDERR, STDOUT, STREAM_NAMES, ProcessStatus, SpawnError
 
 if TYPE_CHECKING:
-    from ..engine.process import Process
-    from ..engine.table import ProcessTable
+    from ..engine import Process, ProcessTable
 
 # Spawning is fork+exec through a trampoline: milliseconds, up to a loaded machine's 1 s.
 SPAWN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -1,0 +1,305 @@
+"""``sandboxd sbx``: a ``sandboxd host``'s sandboxes, in the habits of ``kubectl`` and ``tl sbx``.
+
+Every command is one or two calls of the host's lifecycle API
+(``/v1/namespaces/{ns}/sandboxes``, the same routes the SDK uses); a sandbox
+is named by its id or its name wherever one is asked for. ``sbx pool`` lives
+in :mod:`.pools`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+from typing import Any
+
+from . import hostapi, pools
+from .client import Client
+from .common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    add_json_flag,
+    print_json,
+    print_table,
+)
+from .sbxspec import add_sandbox_spec, age, cpus, mib, spec_body
+
+POLL_S = 0.2
+# A blocking create answers "pending" after this long and we poll: one call
+# never outlasts the client's 30 s call timeout.
+CREATE_BUDGET_MS = 20_000
+STATUSES = ("pending", "running", "suspending", "suspended", "snapshotting")
+ENDED = ("terminated", "failed")
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    top = sub.add_parser(
+        "sbx",
+        help="the sandboxes of a `sandboxd host`: ls, create, describe, terminate, ...",
+        description="Drive the sandboxes of a `sandboxd host` through its lifecycle API "
+        "(--url/SANDBOXD_URL, default http://127.0.0.1:8900). A sandbox is named by id or name.",
+    )
+    # Not required: a bare `sandboxd sbx` prints this help (see cli.main).
+    cmds = top.add_subparsers(dest="sbx_cmd", metavar="SBX_COMMAND")
+
+    p = cmds.add_parser(
+        "ls",
+        parents=[parent],
+        help="list the live sandboxes",
+        description="List the namespace's live sandboxes (pending, running, suspending, "
+        "suspended, snapshotting), oldest first.",
+    )
+    p.add_argument(
+        "--status",
+        action="append",
+        metavar="STATUS",
+        help=f"only these statuses (repeatable or comma-separated: {', '.join(STATUSES)})",
+    )
+    p.add_argument("--name", metavar="PATTERN", help="only names matching this glob (e.g. 'web-*')")
+    add_json_flag(p)
+    p.set_defaults(handler=ls)
+
+    p = cmds.add_parser(
+        "create",
+        parents=[parent],
+        help="create a sandbox and print its id",
+        description="Create a sandbox and print its id. Without --wait the id is printed at once "
+        "and the sandbox starts in the background (`sbx describe` shows when it runs).",
+    )
+    add_sandbox_spec(p)
+    p.add_argument("--name", help="a name, unique among the namespace's live sandboxes")
+    p.add_argument(
+        "--snapshot",
+        metavar="SNAPSHOT_ID",
+        help="restore this snapshot (`sbx snapshot`): its files, image and resources",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="return once the sandbox runs (exit 1 and print why if it failed to start)",
+    )
+    add_json_flag(p, "print the host's JSON answer (with --wait: the SandboxInfo)")
+    p.set_defaults(handler=create)
+
+    p = cmds.add_parser(
+        "describe",
+        parents=[parent],
+        help="show one sandbox",
+        description="Show one sandbox (also a terminated one, by id).",
+    )
+    p.add_argument("sandbox", metavar="ID|NAME")
+    add_json_flag(p)
+    p.set_defaults(handler=describe)
+
+    p = cmds.add_parser(
+        "terminate",
+        parents=[parent],
+        help="terminate sandboxes",
+        description="Terminate sandboxes: kill everything in them and remove their files. "
+        "Prints each id once it is gone.",
+    )
+    p.add_argument("sandboxes", nargs="+", metavar="ID|NAME")
+    p.set_defaults(handler=terminate)
+
+    for verb, what in (
+        ("suspend", "freeze every process of a named sandbox (memory and files stay)"),
+        ("resume", "thaw a suspended sandbox"),
+    ):
+        p = cmds.add_parser(
+            verb, parents=[parent], help=what, description=what[0].upper() + what[1:] + "."
+        )
+        p.add_argument("sandbox", metavar="ID|NAME")
+        p.set_defaults(handler=suspend_or_resume, verb=verb)
+
+    p = cmds.add_parser(
+        "snapshot",
+        parents=[parent],
+        help="snapshot a sandbox's files and print the snapshot id",
+        description="Take a filesystem snapshot and print its id; `sbx create --snapshot ID` "
+        "restores it into a new sandbox.",
+    )
+    p.add_argument("sandbox", metavar="ID|NAME")
+    p.add_argument("--wait", action="store_true", help="return once the snapshot is completed")
+    add_json_flag(p)
+    p.set_defaults(handler=snapshot)
+
+    pools.register(cmds, parent)
+
+
+# --- sandboxes ---
+
+
+def _statuses(ns: argparse.Namespace) -> set[str] | None:
+    if not ns.status:
+        return None
+    wanted = {s.strip() for item in ns.status for s in item.split(",") if s.strip()}
+    unknown = wanted - set(STATUSES) - set(ENDED)
+    if unknown:
+        raise CliError(
+            f"unknown status {', '.join(sorted(unknown))} (use {', '.join(STATUSES)})", EXIT_USAGE
+        )
+    return wanted
+
+
+async def ls(ns: argparse.Namespace, client: Client) -> int:
+    wanted = _statuses(ns)
+    body = await client.call("GET", hostapi.sandboxes(ns.namespace))
+    items = [
+        s
+        for s in body.get("sandboxes", [])
+        if (wanted is None or s.get("status") in wanted)
+        and (ns.name is None or fnmatch.fnmatchcase(str(s.get("name") or ""), ns.name))
+    ]
+    if ns.json:
+        print_json(items)
+        return EXIT_OK
+    rows = []
+    for s in items:
+        res = s.get("resources") or {}
+        rows.append(
+            (
+                s.get("id"),
+                s.get("name") or "-",
+                s.get("status"),
+                s.get("image") or "-",
+                cpus(res.get("cpus")),
+                mib(res.get("memory_mb")),
+                age(s.get("created_at")),
+            )
+        )
+    print_table(("ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE"), rows)
+    return EXIT_OK
+
+
+async def create(ns: argparse.Namespace, client: Client) -> int:
+    body = spec_body(ns)
+    if ns.name:
+        body["name"] = ns.name
+    if ns.snapshot:
+        body["snapshot_id"] = ns.snapshot
+    body["wait"] = bool(ns.wait)
+    headers = {"x-tensorlake-request-timeout-ms": str(CREATE_BUDGET_MS)}
+    async with client.request(
+        "POST", hostapi.sandboxes(ns.namespace), json_body=body, headers=headers
+    ) as resp:
+        answer: dict[str, Any] = await resp.json()
+    sid = str(answer["sandbox_id"])
+    if not ns.wait:
+        if ns.json:
+            print_json(answer)
+        else:
+            print(sid)
+        return EXIT_OK
+    info = await wait_started(client, ns.namespace, sid)
+    if ns.json:
+        print_json(info)
+    else:
+        print(sid)
+    if info.get("status") != "running":
+        reason = (info.get("error_details") or {}).get("message") or info.get(
+            "termination_reason", "unknown"
+        )
+        raise CliError(f"sandbox {sid} is {info.get('status')}: {reason}", EXIT_ERROR)
+    return EXIT_OK
+
+
+async def wait_started(client: Client, namespace: str, sid: str) -> dict[str, Any]:
+    """The SandboxInfo once the sandbox left ``pending``."""
+    while True:
+        info = await hostapi.describe(client, namespace, sid)
+        if info.get("status") != "pending":
+            return info
+        await asyncio.sleep(POLL_S)
+
+
+async def describe(ns: argparse.Namespace, client: Client) -> int:
+    info = await hostapi.describe(client, ns.namespace, ns.sandbox)
+    if ns.json:
+        print_json(info)
+        return EXIT_OK
+    res = info.get("resources") or {}
+    rows: list[tuple[str, object]] = [
+        ("id", info.get("id")),
+        ("name", info.get("name") or "-"),
+        ("namespace", info.get("namespace")),
+        ("status", info.get("status")),
+        ("image", info.get("image")),
+        ("cpus", cpus(res.get("cpus"))),
+        ("memory", mib(res.get("memory_mb"))),
+        ("disk", mib(res.get("disk_mb"))),
+        ("timeout", f"{info['timeout_secs']}s" if info.get("timeout_secs") else "none"),
+        ("age", age(info.get("created_at"))),
+    ]
+    optional = (
+        "pool_id",
+        "sandbox_url",
+        "ingress_endpoint",
+        "exposed_ports",
+        "auto_resume",
+        "termination_reason",
+    )
+    rows += [(key, _text(info[key])) for key in optional if info.get(key) not in (None, [])]
+    if info.get("error_details"):
+        rows.append(("error", _text(info["error_details"].get("message"))))
+    for key, value in _flat("", info.get("usage")):
+        rows.append((f"usage.{key}", value))
+    print_table(("FIELD", "VALUE"), rows)
+    return EXIT_OK
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _flat(prefix: str, value: object) -> list[tuple[str, str]]:
+    """A nested object (e.g. usage figures, when the host reports them) as dotted keys."""
+    if not isinstance(value, dict):
+        return [] if value is None or not prefix else [(prefix, _text(value))]
+    out: list[tuple[str, str]] = []
+    for key, sub in value.items():
+        out += _flat(f"{prefix}.{key}" if prefix else str(key), sub)
+    return out
+
+
+async def terminate(ns: argparse.Namespace, client: Client) -> int:
+    for ident in ns.sandboxes:
+        # By id: a name is only the live sandbox's, and DELETE is idempotent by id.
+        sid = await hostapi.resolve(client, ns.namespace, ident)
+        await client.call("DELETE", hostapi.sandbox(ns.namespace, sid))
+        print(sid, flush=True)
+    return EXIT_OK
+
+
+async def suspend_or_resume(ns: argparse.Namespace, client: Client) -> int:
+    path = f"{hostapi.sandbox(ns.namespace, ns.sandbox)}/{ns.verb}"
+    async with client.request("POST", path, params={"wait_ms": "25000"}):
+        pass
+    info = await hostapi.describe(client, ns.namespace, ns.sandbox)
+    print(f"{info.get('id')} {info.get('status')}")
+    return EXIT_OK
+
+
+async def snapshot(ns: argparse.Namespace, client: Client) -> int:
+    path = f"{hostapi.sandbox(ns.namespace, ns.sandbox)}/snapshot"
+    answer: dict[str, Any] = await client.call("POST", path, json_body={})
+    snap_id = str(answer["snapshot_id"])
+    if ns.wait:
+        answer = await client.call("GET", f"{hostapi.snapshots(ns.namespace)}/{snap_id}")
+        while answer.get("status") == "in_progress":
+            await asyncio.sleep(POLL_S)
+            answer = await client.call("GET", f"{hostapi.snapshots(ns.namespace)}/{snap_id}")
+    if ns.json:
+        print_json(answer)
+    else:
+        print(snap_id)
+    if answer.get("status") == "failed":
+        raise CliError(f"snapshot {snap_id} failed: {answer.get('error', 'unknown')}", EXIT_ERROR)
+    return EXIT_OK

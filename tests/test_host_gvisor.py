@@ -1,0 +1,289 @@
+"""``sandboxd host --runtime gvisor``: sandboxes under gVisor's runsc, driven by the official SDK.
+
+gVisor on this machine runs on its ptrace platform (slow: Python starts in
+about 1.6 s under it), so these tests are few and each does much: one host,
+one sandbox that goes through the SDK's basics (commands, files, a PTY, a
+snapshot and its restore, suspend), and checks that nothing of runsc is left
+after terminate and after the host stops. The stand-in for process
+descriptors (``gvisor_pidfd``) is tested on the host's kernel, with real
+children. Skips only where sandboxes cannot be made at all (``test_host.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandboxd.host import gvisor, gvisor_pidfd, mounts, runtime
+
+from .conftest import wait_for
+from .test_host import IMAGES, _cleanup, assert_gone, make_state_root, start_host
+from .test_host_network import APP, INET_ADDRS, PROBE, SERVE_PORT, Lab
+from .test_host_network import lab as lab  # the router and fake internet namespaces
+
+
+@pytest.fixture(scope="module")
+def state_root() -> Iterator[Path]:
+    yield from make_state_root("sbg")
+
+
+@pytest.fixture(scope="module")
+def runsc(state_root: Path) -> str:
+    path = gvisor.runsc_path()
+    # Not a skip: where sandboxes can be made (root, Debian), `make test` installs runsc.
+    assert path is not None, "runsc is not installed: apt-get install -y runsc (make host-deps)"
+    problem = gvisor.available(state_root)
+    assert problem is None, problem
+    return path
+
+
+def _runsc_list(runsc: str, state: Path) -> list[str]:
+    r = subprocess.run(
+        [runsc, f"--root={state / 'runsc'}", "list", "-quiet"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 or not (state / "runsc").exists(), r.stderr
+    return r.stdout.split()
+
+
+def _runsc_processes(state: Path) -> list[int]:
+    """runsc processes (launcher, Sentry, Gofer) of this host's state dir."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (d / "cmdline").read_bytes()
+                if b"runsc" in cmd and str(state).encode() in cmd:
+                    pids.append(int(d.name))
+    return pids
+
+
+class Screen:
+    """What a PTY printed (the SDK calls it from its reader thread)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+
+    def expect(self, needle: str, timeout: float) -> None:
+        def seen() -> bool:
+            with self._lock:
+                return needle in self._buf.decode(errors="replace")
+
+        try:
+            wait_for(seen, timeout)
+        except BaseException:
+            print(f"screen so far: {bytes(self._buf)!r}")
+            raise
+
+
+def test_a_gvisor_sandbox_runs_the_sdk_basics_and_leaves_nothing(
+    state_root: Path, runsc: str
+) -> None:
+    from tensorlake.sandbox import Sandbox
+
+    state = state_root / "s"
+    # warm=1: a spare is made under gVisor too, and must go when the host stops.
+    host = start_host(state, warm=1, extra_args=["--no-net", "--runtime", "gvisor"])
+    sdk = {"api_url": host.url, "api_key": None}
+    snap_id = None
+    try:
+        sbx = Sandbox.create(name="gv-basics", memory_mb=512, **sdk)
+        # Its kernel is gVisor's Sentry, not the host's.
+        r = sbx.run("cat", args=["/proc/version"])
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout.startswith("Linux version"), r.stdout
+        assert r.stdout.strip() != Path("/proc/version").read_text().strip()
+        assert os.uname().release not in r.stdout, r.stdout
+        r = sbx.run("sh", args=["-c", "id -u; echo $((6*7))"])
+        assert r.stdout.split() == ["0", "42"], r.stdout + r.stderr
+        # Files both ways; the sandbox's root owns what it writes, as under bubblewrap.
+        body = os.urandom(1 << 20)
+        sbx.write_file("/root/blob.bin", body)
+        assert sbx.read_file("/root/blob.bin").value == body
+        r = sbx.run("python3", args=["-c", "import os; print(os.stat('/root/blob.bin').st_uid)"])
+        assert r.stdout.strip() == "0", r.stdout + r.stderr
+        on_disk = state / "sandboxes" / sbx.sandbox_id / "rw" / "upper" / "root" / "blob.bin"
+        assert on_disk.stat().st_uid == 100_000  # the image's uid range, not the host's root
+        # Its overlay reads as the default runtime's: the image store sees the image in use.
+        root = str(state / "sandboxes" / sbx.sandbox_id / "root")
+        (overlay,) = [m for m in mounts.table() if m.point == root]
+        assert overlay.source == "overlay"
+        assert f"lowerdir={IMAGES / 'default' / 'rootfs'}" in overlay.options.split(","), overlay
+        # A PTY through the proxy.
+        screen = Screen()
+        pty = sbx.create_pty(
+            "bash", args=["--norc", "--noprofile"], env={"PS1": "$ "}, on_data=screen
+        )
+        try:
+            pty.send_input("echo pty-$((6*7)); tty\n")
+            screen.expect("pty-42", timeout=30)
+            screen.expect("/dev/pts/", timeout=30)
+        finally:
+            pty.disconnect()
+        # Suspend freezes runsc in the sandbox's cgroup; resume carries on.
+        sbx.suspend()
+        assert sbx.status.value == "suspended"
+        sbx.resume()
+        assert sbx.run("echo", args=["thawed"]).stdout.strip() == "thawed"
+        # A filesystem snapshot of the layer, and a restore under gVisor.
+        sbx.run("sh", args=["-c", "mkdir -p /root/proj && echo before > /root/proj/keep.txt"])
+        snap = sbx.checkpoint()
+        assert snap is not None and snap.status.value == "completed"
+        snap_id = snap.snapshot_id
+        sbx.run("sh", args=["-c", "echo later > /root/proj/after.txt"])
+        clone = Sandbox.create(snapshot_id=snap_id, **sdk)
+        try:
+            r = clone.run(
+                "sh",
+                args=["-c", "cat /root/proj/keep.txt; test -e /root/proj/after.txt || echo no"],
+            )
+            assert r.stdout.split() == ["before", "no"], r.stdout + r.stderr
+        finally:
+            clone.terminate()
+        assert_gone(host, clone.sandbox_id)
+        sbx.terminate()
+        assert_gone(host, sbx.sandbox_id)
+        # Terminated: no container in runsc's state, no runsc process but the spare's.
+        ids = _runsc_list(runsc, state)
+        assert sbx.sandbox_id not in ids and clone.sandbox_id not in ids, ids
+    finally:
+        if snap_id is not None:
+            with contextlib.suppress(Exception):
+                Sandbox.delete_snapshot(snap_id, **sdk)
+        _cleanup(host)
+        host.stop()
+    # The host stopped (and took its spare with it): nothing of runsc is left.
+    wait_for(lambda: not _runsc_processes(state), timeout=15)
+    assert _runsc_list(runsc, state) == []
+    assert not list((state / "sandboxes").iterdir())
+
+
+def test_a_gvisor_sandbox_keeps_its_egress_policy_and_exposed_ports(lab: Lab, runsc: str) -> None:
+    """The prepared netns (veth, nft policy) under ``--network=host``; ingress into it."""
+    import httpx
+    from tensorlake.sandbox import Sandbox
+
+    state = lab.root / "gv"
+    args = ["--net-router", lab.router, "--net-subnet", "10.88.7.0/24", "--runtime", "gvisor"]
+    host = start_host(state, warm=0, extra_args=args)
+    allowed, denied = (f"{a}:{SERVE_PORT}" for a in INET_ADDRS[:2])
+    try:
+        sbx = Sandbox.create(
+            api_url=host.url,
+            api_key=None,
+            memory_mb=512,
+            deny_out=["203.0.113.0/24"],
+            exposed_ports=[8080],
+        )
+        r = sbx.run("python3", args=["-c", PROBE, allowed, denied])
+        seen = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+        assert seen == {allowed: f"OPEN:{INET_ADDRS[0]}", denied: "EHOSTUNREACH"}, r.stdout
+        sbx.start_process("python3", args=["-c", APP, "8080"])
+        port = host.url.rsplit(":", 1)[1]
+        name = f"8080-{sbx.sandbox_id}.localhost:{port}"
+
+        def get() -> httpx.Response:
+            return httpx.get(host.url + "/x", headers={"Host": name}, timeout=10)
+
+        wait_for(lambda: get().status_code == 200, timeout=30)
+        assert get().text == f"path=/x host={name} auth=-"
+        sbx.terminate()
+        assert_gone(host, sbx.sandbox_id)
+        wait_for(lambda: sbx.sandbox_id not in lab.veth_aliases(host), timeout=10)
+    finally:
+        _cleanup(host)
+        host.stop()
+    wait_for(lambda: not _runsc_processes(state), timeout=15)
+    assert _runsc_list(runsc, state) == []
+
+
+# -- pure parts and the process-descriptor stand-in (no runsc needed) -------------------
+
+
+def test_the_bundle_runs_the_daemon_on_loopback_in_the_sandbox_netns(tmp_path: Path) -> None:
+    daemon = runtime.DaemonRuntime(tag="t", sources={"py": "/usr", "p0": "/src"}, python="bin/py")
+    argv = gvisor.daemon_argv(daemon)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == str(gvisor.DAEMON_PORT)
+    assert "--listen-fd" not in argv and "--unix" not in argv and "--no-cgroups" in argv
+    boot = argv[argv.index("-c") + 1]
+    assert boot.index(gvisor.BOOT_PIDFD) < boot.index(gvisor.BOOT_MAIN)
+    layout = runtime.Layout(tmp_path, "sbx-0000000000000001")
+    cfg = gvisor.oci_config(
+        layout, "sbx-0000000000000001", argv, netns="/run/netns/x", ro_binds=daemon.binds()
+    )
+    json.dumps(cfg)  # what runsc reads
+    assert cfg["root"] == {"path": str(layout.root), "readonly": False}
+    assert {"type": "network", "path": "/run/netns/x"} in cfg["linux"]["namespaces"]
+    # No user namespace: the Gofer must run as root to reach root-only dirs.
+    assert all(ns["type"] != "user" for ns in cfg["linux"]["namespaces"])
+    binds = {m["destination"]: m for m in cfg["mounts"] if m["type"] == "bind"}
+    assert set(binds) == {f"{runtime.INNER_RT}/py", f"{runtime.INNER_RT}/p0"}
+    assert all("ro" in m["options"] for m in binds.values())
+    assert not any(e.startswith("SANDBOXD_TOKEN") for e in cfg["process"]["env"])
+    run = gvisor.runsc_argv("/usr/bin/runsc", tmp_path / "r", "ptrace", tmp_path / "b", "sbx-1")
+    assert "--network=host" in run and "--ignore-cgroups" in run and "--overlay2=none" in run
+
+
+def _exiting_child(code: int, after: str = "0.2") -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({after}); exit({code})"]
+    )
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_the_pidfd_stand_in_behaves_like_a_pidfd() -> None:
+    # Exit: readable exactly when the child has exited; waitid reaps that child.
+    child = _exiting_child(7)
+    fd = gvisor_pidfd.pidfd_open(child.pid)
+    try:
+        assert not _readable(fd)
+        assert gvisor_pidfd.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG) is None
+        wait_for(lambda: _readable(fd), timeout=10)
+        info = gvisor_pidfd.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+        assert info is not None and (info.si_pid, info.si_status) == (child.pid, 7)
+        with pytest.raises(ChildProcessError):
+            os.waitpid(child.pid, os.WNOHANG)  # reaped by the stand-in's waitid
+    finally:
+        os.close(fd)
+        child.returncode = 0
+    # Signals go to the child's pid.
+    child = _exiting_child(0, after="60")
+    fd = gvisor_pidfd.pidfd_open(child.pid)
+    try:
+        gvisor_pidfd.pidfd_send_signal(fd, signal.SIGKILL)
+        wait_for(lambda: _readable(fd), timeout=10)
+        info = gvisor_pidfd.waitid(os.P_PIDFD, fd, os.WEXITED)
+        assert info.si_code == os.CLD_KILLED and info.si_status == signal.SIGKILL
+    finally:
+        os.close(fd)
+        child.returncode = 0
+    # A pid that is gone is refused, as pidfd_open refuses it.
+    gone = _exiting_child(0, after="0")
+    gone.wait()
+    with pytest.raises(ProcessLookupError):
+        gvisor_pidfd.pidfd_open(gone.pid)
+    # The host's kernel has pidfds: nothing is replaced here.
+    assert not gvisor_pidfd.needed()
+    assert gvisor_pidfd.install() is False and os.waitid is gvisor_pidfd._real_waitid
