@@ -27,13 +27,15 @@ import contextlib
 import os
 import posixpath
 import secrets
-import tarfile
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import ApiError, Client, sse_events
 from .common import EXIT_ERROR, EXIT_USAGE, CliError, read_chunks
 from .progress import Progress
+
+if TYPE_CHECKING:  # imported where used: `sandboxd serve` loads this module too
+    import tarfile
 
 CHUNK = 1 << 20
 FILES = "/api/v1/files"
@@ -128,6 +130,8 @@ async def _feed(client: Client, pid: int, src: str, dest: str, bar: Progress) ->
 
 def _write_tar(src: str, wfd: int) -> None:
     """In a thread: the tar of ``src``'s contents into the pipe (closed at the end)."""
+    import tarfile
+
     # A broken pipe (also when the last buffer is flushed at close) means the
     # upload stopped: its error, or the remote tar's, is the one to report.
     with (
@@ -241,11 +245,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _read_tar(rfd: int, dest: str) -> None:
+    import tarfile
+
     with os.fdopen(rfd, "rb", buffering=CHUNK) as src, tarfile.open(fileobj=src, mode="r|") as tar:
         tar.extractall(dest, filter=_member_filter)
 
 
 def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    import tarfile
+
     try:
         return tarfile.data_filter(member, dest)
     except tarfile.FilterError:
