@@ -61,6 +61,8 @@ META = "meta.json"
 # After the host closed its connections to the daemon: time for the daemon's
 # side (under ptrace, slow) to see the close and finish it, before runsc saves.
 SETTLE_S = 0.5
+# How long a saved sandbox's processes get to leave its cgroup (they exit at once).
+EXIT_WAIT_S = 10.0
 # What cgroup v2's memory.reclaim is asked to push out once the processes are gone.
 RECLAIM = "1G"
 
@@ -281,6 +283,7 @@ async def memory_snapshot(
             await _back_or_lost(m, sandbox_id, raw, exc)
             raise gvisor.CheckpointError(str(exc)) from exc
         # Its processes are stopped: the layer matches the image.
+        await _exited(m, sandbox_id)
         try:
             size = await asyncio.to_thread(archive)
         finally:
@@ -354,6 +357,23 @@ def on_disk(m: Manager, sandbox_id: str) -> bool:
     ).pids()
 
 
+async def _exited(m: Manager, sandbox_id: str, timeout_s: float = EXIT_WAIT_S) -> None:
+    """Until the saved sandbox's Sentry and Gofer are gone from its cgroup.
+
+    ``runsc checkpoint`` returns as the container stops, a moment before its
+    processes have exited: its memory is freed, and its files quiet, only then.
+    """
+    if not m.cgroups.usable:
+        return
+    cgroup = m.cgroups.sandbox(sandbox_id)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while await asyncio.to_thread(cgroup.pids):
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("sandbox %s: processes still in its cgroup after its save", sandbox_id)
+            return
+        await asyncio.sleep(0.02)
+
+
 async def suspend(m: Manager, rec: Record) -> Record:
     """Save a running gVisor sandbox to its bundle; its processes end (states: suspending)."""
     sid = rec.id
@@ -377,6 +397,7 @@ async def suspend(m: Manager, rec: Record) -> Record:
             raise ApiError(409, "SUSPEND_FAILED", f"sandbox {sid}: {exc}") from exc
         await _lose(m, sid, f"runsc could not save it: {exc}")
         raise ApiError(409, "SUSPEND_FAILED", f"sandbox {sid} was lost: {exc}") from exc
+    await _exited(m, sid)
     await asyncio.to_thread(_reclaim, m, sid)
     log.info("sandbox %s suspended to disk (%d bytes)", sid, (image / IMAGE).stat().st_size)
     # Refused when terminated meanwhile: its teardown removes the image with its dir.
