@@ -16,13 +16,15 @@ import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .. import __version__
-from . import files, host, hostapi, image, procs, run, sbx, serve, system, terminal
-from .client import Client, Target
 from .common import EXIT_INTERRUPTED, EXIT_USAGE, CliError, resolve_url, target_parser
 
-Handler = Callable[[argparse.Namespace, Client], Awaitable[int]]
+if TYPE_CHECKING:
+    from .client import Client
+
+Handler = Callable[[argparse.Namespace, "Client"], Awaitable[int]]
 
 EPILOG = """\
 target and auth: --url/SANDBOXD_URL (default http://127.0.0.1:9501, a daemon;
@@ -39,7 +41,14 @@ exit codes: 0 ok, 1 the daemon refused (its message is printed), 2 usage,
 USAGE_PARSER = "_usage_parser"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
+    """Every command's parser; ``only_serve``: just ``serve``'s.
+
+    The daemon (in every sandbox, too) starts through here: with only its own
+    parser it imports none of the client's modules, which it never runs.
+    """
+    from . import serve
+
     parser = argparse.ArgumentParser(
         prog="sandboxd",
         description="A sandbox daemon speaking the Tensorlake Sandbox API, and its command line client.",
@@ -49,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sandboxd {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     serve.add_parser(sub)
+    if only_serve:
+        _remember_parsers(parser)
+        return parser
+    from . import files, host, image, procs, run, sbx, system, terminal
+
     host.add_parser(sub)
     image.add_parser(sub)
     parent = target_parser()
@@ -68,8 +82,8 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     args = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only_serve=args[:1] == ["serve"])
     if not args:
         # Bare `sandboxd`: what there is to run, rather than a one-line complaint.
         parser.print_help()
@@ -88,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(ns: argparse.Namespace) -> int:
+    from . import hostapi
+    from .client import Client, Target
+
     handler: Handler = ns.handler
     named = getattr(ns, "sandbox", None)
     target = Target(resolve_url(ns, host=ns.cmd == "sbx" or bool(named)), ns.token)
