@@ -25,6 +25,7 @@ import fig_exec
 import fig_files
 import fig_footprint
 import fig_gvisor
+import fig_gvisor_checkpoint
 import fig_host
 import fig_images
 import fig_metadata
@@ -44,6 +45,7 @@ FIGURES: dict[str, ModuleType] = {
     "footprint": fig_footprint,
     "host": fig_host,
     "gvisor": fig_gvisor,
+    "gvisor_checkpoint": fig_gvisor_checkpoint,
     "images": fig_images,
 }
 # What a figure's rows are called if the figure fails before producing them.
@@ -56,6 +58,7 @@ KEYS = {
     "footprint": ["cold_start", "idle_rss", "rss_1000", "stalled_follower"],
     "host": fig_host.KEYS,
     "gvisor": fig_gvisor.KEYS,
+    "gvisor_checkpoint": fig_gvisor_checkpoint.KEYS,
     "images": fig_images.KEYS,
 }
 # `make bench` must finish within 10 minutes on 2 cores: profiles that would

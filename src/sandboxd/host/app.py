@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from ..edge import LIMITS, Limits, bearer_auth, cross_site_guard, errors_middleware
-from . import archive, capacity, ingress, lifecycle, logs, proxy, pulls, resize
+from . import archive, capacity, ingress, lifecycle, logs, observe, proxy, pulls, resize
 from .manager import Manager
 from .model import (
     PENDING,
@@ -174,6 +174,23 @@ async def resume(request: web.Request) -> web.StreamResponse:
 
 
 async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
+    """Count each proxied request by route class and status (observe.py)."""
+    status: int = 500
+    try:
+        resp = await _to_sandbox(request)
+        status = resp.status
+        return resp
+    except (ApiError, web.HTTPException) as exc:
+        status = exc.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the client went away (as the request counter says)
+        raise
+    finally:
+        request.app[MANAGER].observe.proxied(request.path, status)
+
+
+async def _to_sandbox(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     sid = proxy.sandbox_id_of(request)
     if sid is None:
@@ -258,6 +275,9 @@ def create_app(
     app.router.add_get(ARCHIVED + "/{id}", get_archived)
     app.router.add_route("*", "/api/v1/{tail:.*}", sandbox_proxy)
     lifecycle.add_routes(app)  # snapshots, copies and pools
+    # GET /health and /metrics, behind the token like every route, and the
+    # request log with trace ids (outermost middleware).
+    observe.install(app, manager.observe)
 
     async def lifespan(app: web.Application):  # type: ignore[no-untyped-def]
         await manager.recover()

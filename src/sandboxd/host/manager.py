@@ -59,6 +59,7 @@ from .model import (
     Record,
     new_id,
 )
+from .observe import HostObserver
 from .pools import Pools
 from .proxy import Sessions
 from .snapshots import Snapshots
@@ -152,6 +153,8 @@ class Manager:
         self.catalog = Catalog(state_dir / "catalog.db")
         self.snapshots = Snapshots(self, self.catalog)
         self.pools = Pools(self, self.catalog)
+        # /metrics, /health and the event lines (observe.py).
+        self.observe = HostObserver(self)
 
     def layout(self, sandbox_id: str) -> runtime.Layout:
         return runtime.Layout(self.state_dir, sandbox_id)
@@ -424,6 +427,8 @@ class Manager:
 
     async def _start(self, rec: Record) -> None:
         t0 = time.monotonic()
+        path = create_path(rec, rec.id in self._claimed)
+        self.observe.created(rec, path)
         try:
             claimed = rec.id in self._claimed and await self._claim(rec)
             self._claimed.discard(rec.id)
@@ -450,11 +455,15 @@ class Manager:
             await self._teardown(rec.id)
             # Refused (and so not written) when a DELETE came first.
             self._end(rec.id, Event.START_FAILED, "startup_failed", str(exc) or type(exc).__name__)
+            self.observe.create_done(path, "failed", time.monotonic() - t0)
             return
         finally:
             self.fill_spares()
         self.last_startup_s = time.monotonic() - t0
         cur = states.try_advance(self.store, rec.id, Event.STARTED)
+        self.observe.create_done(
+            path, "cancelled" if cur is None else "running", time.monotonic() - t0
+        )
         if cur is None:
             # Deleted while starting: the DELETE's teardown may have run before
             # this start made its mounts and processes; tear down what is left.
@@ -665,6 +674,13 @@ class Manager:
             held = launcher.netns_path(self.layout(sandbox_id).dir)
             path = str(held) if held.exists() else None
         return path
+
+
+def create_path(rec: Record, claimed: bool) -> str:
+    """How a create gets its sandbox: a pool's warm one, a spare, a restore, or a cold start."""
+    if claimed:
+        return "pool" if rec.pool_id is not None else "spare"
+    return "restore" if rec.snapshot_id else "cold"
 
 
 def _pid_of(pidfd: int) -> int | None:

@@ -438,6 +438,7 @@ class Snapshots:
                 snap.duration_ms,
             )
         self.table.put(snap)
+        self.m.observe.snapshot_done(snap.snapshot_type, snap.status, time.monotonic() - t0)
         # Refused when a DELETE during the snapshot already made it terminated.
         cur = states.try_advance(self.m.store, sandbox_id, Event.SNAPSHOT_DONE)
         if cur is not None and cur.status == RUNNING and cur.id not in self.m._timers:

@@ -40,6 +40,8 @@ instead of writing over the winner:
 from __future__ import annotations
 
 import enum
+import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -249,9 +251,29 @@ def advance(
     cur = store.snapshot(sandbox_id)
     if cur is None:
         raise KeyError(sandbox_id)
+    before = cur.status
     apply(cur, event, now=now, reason=reason, error=error)
     store.put(cur)
+    for observer in _watched(store):
+        observer(cur, before, event)  # observe.py: an event line and a counter
     return cur
+
+
+# Called after every stored move of a store's records: (record, status before, event).
+Watcher = Callable[[Any, str, Event], None]
+_watchers: weakref.WeakKeyDictionary[Any, list[Watcher]] = weakref.WeakKeyDictionary()
+
+
+def _watched(store: RecordStore) -> list[Watcher]:
+    try:
+        return _watchers.get(store, [])
+    except TypeError:  # a store that cannot be weakly referenced has no watchers
+        return []
+
+
+def watch(store: RecordStore, watcher: Watcher) -> None:
+    """Call ``watcher`` after every move :func:`advance` stores in ``store``."""
+    _watchers.setdefault(store, []).append(watcher)
 
 
 def try_advance(store: RecordStore, sandbox_id: str, event: Event, **kw: Any) -> Any | None:
