@@ -27,16 +27,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..observability.http import metrics_handler, observability_middleware
-from ..observability.metrics import HTTP_BUCKETS
+from ..observability.metrics import http_metrics, server_registry
 from . import states
 from .states import Event, Status
 
@@ -99,26 +96,10 @@ class HostObserver:
     """One host's metrics and event lines; the manager calls its hooks."""
 
     def __init__(self, manager: Manager) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]
-        r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        r = self.registry = server_registry()
         r.register(_StoreCollector(manager))
         # The names and labels observability_middleware expects (shared with the daemon).
-        self.http_requests = Counter(
-            "sandboxd_http_requests",
-            "HTTP requests by method, route template and status.",
-            ["method", "route", "status"],
-            registry=r,
-        )
-        self.http_seconds = Histogram(
-            "sandboxd_http_request_duration_seconds",
-            "HTTP request duration by method and route template.",
-            ["method", "route"],
-            buckets=HTTP_BUCKETS,
-            registry=r,
-        )
+        self.http_requests, self.http_seconds = http_metrics(r)
         # The middleware keeps these for the daemon's stream routes; the host has none
         # under those templates (its proxy is one route), so they stay at 0.
         unused = CollectorRegistry()

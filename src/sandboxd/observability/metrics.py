@@ -110,18 +110,41 @@ class EngineCollector(Collector):
         yield info
 
 
+def server_registry() -> CollectorRegistry:
+    """A registry with the server's own CPU, memory, fds and GC (process_*, python_*)."""
+    # The *_created series double every counter's output for a timestamp
+    # that process_start_time_seconds already gives (a process-wide switch).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    r = CollectorRegistry()
+    ProcessCollector(registry=r)
+    PlatformCollector(registry=r)
+    GCCollector(registry=r)
+    return r
+
+
+def http_metrics(r: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """The request counter and duration histogram that ``observability_middleware`` feeds."""
+    requests = Counter(
+        "sandboxd_http_requests",
+        "HTTP requests by method, route template and status.",
+        ["method", "route", "status"],
+        registry=r,
+    )
+    seconds = Histogram(
+        "sandboxd_http_request_duration_seconds",
+        "HTTP request duration by method and route template (streams last as long as they stream).",
+        ["method", "route"],
+        buckets=HTTP_BUCKETS,
+        registry=r,
+    )
+    return requests, seconds
+
+
 class Metrics:
     """Every metric of one daemon, registered in its own registry."""
 
     def __init__(self) -> None:
-        # The *_created series double every counter's output for a timestamp
-        # that process_start_time_seconds already gives (a process-wide switch).
-        disable_created_metrics()  # type: ignore[no-untyped-call]
-        r = self.registry = CollectorRegistry()
-        # The daemon's own CPU, memory, fds and GC: the usual process_* and python_* series.
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        r = self.registry = server_registry()
         self.engine = EngineCollector()
         r.register(self.engine)
         self.spawns = Counter(
@@ -162,19 +185,7 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.http_requests = Counter(
-            "sandboxd_http_requests",
-            "HTTP requests by method, route template and status.",
-            ["method", "route", "status"],
-            registry=r,
-        )
-        self.http_seconds = Histogram(
-            "sandboxd_http_request_duration_seconds",
-            "HTTP request duration by method and route template (streams last as long as they stream).",
-            ["method", "route"],
-            buckets=HTTP_BUCKETS,
-            registry=r,
-        )
+        self.http_requests, self.http_seconds = http_metrics(r)
         # Show every exit reason and stream kind from the first scrape, at 0.
         for reason in ("exited", "signaled", "oom_killed", "timed_out"):
             self.exits.labels(reason)
