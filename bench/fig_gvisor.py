@@ -25,6 +25,7 @@ from typing import Any
 
 from common import PYTHON, Ref, Row, free_port, median, not_measured, percentile, stop_process
 from ctx import Ctx
+from fig_host import host_unavailable
 
 NS = "/v1/namespaces/default/sandboxes"
 KEYS = ["gvisor_create_cold", "gvisor_syscalls"]
@@ -84,15 +85,7 @@ def _sample(url: str) -> tuple[float, float]:
 def measure(ctx: Ctx) -> list[Row]:
     from sandboxd.host import gvisor
 
-    why = None
-    if os.geteuid() != 0:
-        why = "needs root"
-    elif shutil.which("bwrap") is None:
-        why = "bubblewrap is not installed"
-    elif not (IMAGES / "default" / "image.json").exists():
-        why = f"no default image in {IMAGES} (make image)"
-    else:
-        why = gvisor.available(Path("/tmp"))
+    why = host_unavailable() or gvisor.available(Path("/tmp"))
     if why:
         return [not_measured(k, k, "ms", "", why) for k in KEYS]
     n = ctx.n(5, 2)

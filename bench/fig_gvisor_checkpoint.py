@@ -32,7 +32,8 @@ from typing import Any
 
 from common import Ref, Row, median, not_measured, stop_process
 from ctx import Ctx
-from fig_gvisor import IMAGES, NS, Host
+from fig_gvisor import NS, Host
+from fig_host import host_unavailable
 
 KEYS = [
     "gvisor_mem_checkpoint",
@@ -225,15 +226,7 @@ def _close(host: Host, ctx: Ctx) -> None:
 def measure(ctx: Ctx) -> list[Row]:
     from sandboxd.host import gvisor
 
-    why = None
-    if os.geteuid() != 0:
-        why = "needs root"
-    elif shutil.which("bwrap") is None:
-        why = "bubblewrap is not installed"
-    elif not (IMAGES / "default" / "image.json").exists():
-        why = f"no default image in {IMAGES} (make image)"
-    else:
-        why = gvisor.available(Path("/tmp"))
+    why = host_unavailable() or gvisor.available(Path("/tmp"))
     if why:
         return [not_measured(k, k, "", "", why) for k in KEYS]
     n = ctx.n(3, 1)

@@ -142,14 +142,19 @@ def _idle_mem_mb(sandbox_ids: list[str]) -> list[float]:
     return out
 
 
-def measure(ctx: Ctx) -> list[Row]:
-    why = None
+def host_unavailable() -> str | None:
+    """Why ``sandboxd host`` figures cannot run here, if they cannot (shared by the host figures)."""
     if os.geteuid() != 0:
-        why = "needs root"
-    elif shutil.which("bwrap") is None:
-        why = "bubblewrap is not installed"
-    elif not (IMAGES / "default" / "image.json").exists():
-        why = f"no default image in {IMAGES} (make image)"
+        return "needs root"
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed"
+    if not (IMAGES / "default" / "image.json").exists():
+        return f"no default image in {IMAGES} (make image)"
+    return None
+
+
+def measure(ctx: Ctx) -> list[Row]:
+    why = host_unavailable()
     if why:
         return [not_measured(k, k, "", "", why) for k in KEYS]
     router = Router() if shutil.which("nft") and shutil.which("ip") else None
