@@ -74,6 +74,19 @@ class Host:
         stop_process(self.proc)
 
 
+def host_argv(
+    state: Path, port: int, warm: int = 1, extra_args: list[str] | None = None
+) -> list[str]:
+    """The command line of a test host (the shared image store, no network by default)."""
+    return [
+        *(sys.executable, "-m", "sandboxd", "host", "--port", str(port)),
+        *("--state-dir", str(state), "--warm", str(warm), "--images", str(IMAGES)),
+        # Never the machine's own network namespace or firewall: the
+        # network tests (test_host_network.py) bring their own router.
+        *(extra_args or ["--no-net"]),
+    ]
+
+
 def start_host(
     state: Path,
     port: int | None = None,
@@ -91,23 +104,7 @@ def start_host(
     log_path = state.with_name(state.name + ".log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sandboxd",
-                "host",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(state),
-                "--warm",
-                str(warm),
-                "--images",
-                str(IMAGES),
-                # Never the machine's own network namespace or firewall: the
-                # network tests (test_host_network.py) bring their own router.
-                *(extra_args or ["--no-net"]),
-            ],
+            host_argv(state, port, warm, extra_args),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={

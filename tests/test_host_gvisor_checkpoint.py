@@ -25,6 +25,7 @@ from sandboxd.host.snapshots import Snapshots
 from .conftest import wait_for
 from .test_host import _cleanup, assert_gone, make_state_root, start_host
 from .test_host_gvisor import _runsc_list, _runsc_processes
+from .test_host_gvisor import runsc as runsc  # the fixture, on this module's state_root
 
 # A counter kept in the shell's memory, written out at each step.
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
@@ -52,15 +53,6 @@ HOLD = (
 @pytest.fixture(scope="module")
 def state_root() -> Iterator[Path]:
     yield from make_state_root("sbk")
-
-
-@pytest.fixture(scope="module")
-def runsc(state_root: Path) -> str:
-    path = gvisor.runsc_path()
-    assert path is not None, "runsc is not installed: apt-get install -y runsc (make host-deps)"
-    problem = gvisor.available(state_root)
-    assert problem is None, problem
-    return path
 
 
 @pytest.fixture

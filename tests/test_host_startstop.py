@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import wait_for
-from .test_host import IMAGES, NS, assert_gone, make_state_root, start_host
+from .test_host import NS, assert_gone, host_argv, make_state_root, start_host
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +57,7 @@ def test_a_host_on_a_port_in_use_says_so_in_one_line_and_leaves_no_mount(
         taken.listen()
         port = taken.getsockname()[1]
         r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sandboxd",
-                "host",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(state),
-                "--images",
-                str(IMAGES),
-                "--no-net",
-            ],
+            host_argv(state, port),
             capture_output=True,
             text=True,
             timeout=60,
