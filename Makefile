@@ -9,14 +9,22 @@ PORT   ?= 9501
 
 venv: $(VENV)/.installed
 
-# Re-install whenever the project's dependencies change.
+# Re-install whenever the project's dependencies change. `venv` (for test, lint,
+# bench) has the test tools too; `run` only what running needs (`.run-installed`).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.run-installed
 
-run: venv
+$(VENV)/.run-installed: pyproject.toml
+	@if [ $(VENV)/.installed -nt pyproject.toml ]; then touch $@; else set -x; \
+	  $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet --upgrade pip \
+	  && $(BIN)/pip install --quiet -e . && touch $@; fi
+
+# The `sandboxd` command is $(BIN)/sandboxd; the line below says how to put it on the PATH.
+run: $(VENV)/.run-installed
+	@echo "sandboxd is $(abspath $(BIN))/sandboxd; in another shell: export PATH=\"$(abspath $(BIN)):\$$PATH\""
 	$(BIN)/sandboxd serve --host $(HOST) --port $(PORT)
 
 lint: venv
@@ -26,11 +34,15 @@ lint: venv
 # here; anywhere else the sandbox tests skip with the reason printed.
 HOST_PKGS := bubblewrap nftables mmdebstrap zstd e2fsprogs iproute2 runsc skopeo umoci buildah
 # The image tests' registry (docker-registry), its htpasswd and their test images' busybox.
-TEST_PKGS := docker-registry apache2-utils busybox-static
+# Chromium: the browser tests of the web console (tests/test_host_console.py).
+# etcd (server and etcdctl): the fleet's tests start a three-member cluster (tests/test_fleet*.py).
+# OpenSSH's client: the SSH gateway is tested with the real ssh, scp and sftp (tests/test_ssh.py).
+TEST_PKGS := docker-registry apache2-utils busybox-static chromium etcd-server etcd-client openssh-client
 host-deps:
 	@missing=""; for t in bwrap:bubblewrap nft:nftables mmdebstrap:mmdebstrap zstd:zstd \
 	    mkfs.ext4:e2fsprogs ip:iproute2 runsc:runsc skopeo:skopeo umoci:umoci buildah:buildah \
-	    docker-registry:docker-registry htpasswd:apache2-utils busybox:busybox-static; do \
+	    docker-registry:docker-registry htpasswd:apache2-utils busybox:busybox-static \
+	    chromium:chromium etcd:etcd-server etcdctl:etcd-client ssh:openssh-client; do \
 	  command -v $${t%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null 2>&1 \
 	    || missing="$$missing $${t#*:}"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

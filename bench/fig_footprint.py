@@ -190,7 +190,16 @@ def profile(ctx: Ctx, key: str) -> bool:
         [PYTHON, str(BENCH_DIR / "import_cost.py")], capture_output=True, text=True, check=True
     ).stdout
     out = subprocess.run(
-        [PYTHON, "-X", "importtime", "-c", "import sandboxd.cli, sandboxd.api.app"],
+        [
+            PYTHON,
+            "-X",
+            "importtime",
+            "-c",
+            # What `sandboxd serve` imports before it listens, in its order.
+            "from sandboxd.leanimports import aiohttp_server_only; aiohttp_server_only(); "
+            "import sandboxd.cli, sandboxd.cli.serve, sandboxd.api.app, "
+            "sandboxd.observability.http",
+        ],
         capture_output=True,
         text=True,
         check=True,

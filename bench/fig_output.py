@@ -149,10 +149,14 @@ async def follow_run(port: int, nbytes: int) -> dict[str, float]:
 
 
 def follow_daemon(ctx: Ctx, nbytes: int, label: str = "sandboxd") -> Daemon:
-    # The cap is raised above the stream so the one follower can read every
-    # byte: with the default cap a follower slower than the writer would be
-    # measured on whatever was not dropped.
-    return Daemon(ctx.scratch, "--output-cap", str(nbytes + GIB), label=label)
+    # The cap and the budget (all processes' output together, 512M by default)
+    # are raised above the stream so the one follower can read every byte:
+    # otherwise a follower slower than the writer would be measured on
+    # whatever was not dropped. (With 64 KiB capture pipes the writer was held
+    # back to the daemon's loop rate, so the budget never filled; with 1 MiB
+    # pipes it runs ahead of the follower, as a process should.)
+    room = str(nbytes + GIB)
+    return Daemon(ctx.scratch, "--output-cap", room, "--output-budget", room, label=label)
 
 
 def follow(ctx: Ctx, capture_mbs: float | None) -> Row:

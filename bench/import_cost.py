@@ -1,6 +1,7 @@
 """What start-up and idle memory are made of: time and RSS added by each import step.
 
-``import_cost.py`` imports, in order, the layers ``sandboxd serve`` loads and
+``import_cost.py`` imports, in order, the layers ``sandboxd serve`` loads (the
+way it loads them: aiohttp without its client half) and
 prints one line per step: milliseconds and MiB of RSS it added. Run in a fresh
 interpreter, so every step pays its real first-import cost.
 """
@@ -11,14 +12,15 @@ import importlib
 import time
 
 STEPS = [
-    "asyncio",
-    "aiohttp.web",  # aiohttp/__init__ imports the client half too
+    "asyncio",  # with ssl (OpenSSL), which asyncio imports
+    "aiohttp.web",  # the server half only: `serve` skips aiohttp/__init__ (sandboxd.leanimports)
+    "sandboxd.engine",
     "pydantic",
+    "sandboxd.api.models",  # builds the request models' validators
     "prometheus_client",
-    "sandboxd.engine.table",
-    "sandboxd.api.models",
     "sandboxd.api.app",
-    "sandboxd.cli",
+    "sandboxd.observability.http",  # imported by create_app
+    "sandboxd.cli.serve",
 ]
 
 
@@ -31,6 +33,9 @@ def rss_mib() -> float:
 
 
 def main() -> None:
+    from sandboxd.leanimports import aiohttp_server_only
+
+    aiohttp_server_only()  # as `sandboxd serve` does before anything imports aiohttp
     base = rss_mib()
     print(f"{'step':<28} {'ms':>7} {'+MiB':>7} {'RSS MiB':>8}")
     print(f"{'(interpreter)':<28} {'':>7} {'':>7} {base:8.1f}")

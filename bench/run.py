@@ -23,6 +23,7 @@ from types import ModuleType
 
 import fig_exec
 import fig_files
+import fig_fleet
 import fig_footprint
 import fig_gvisor
 import fig_gvisor_checkpoint
@@ -31,6 +32,7 @@ import fig_images
 import fig_metadata
 import fig_output
 import fig_pty
+import fig_ssh
 import report
 from common import BENCH_DIR, LOAD_CPU, ROOT, Row, pin_self
 from ctx import Ctx
@@ -47,6 +49,8 @@ FIGURES: dict[str, ModuleType] = {
     "gvisor": fig_gvisor,
     "gvisor_checkpoint": fig_gvisor_checkpoint,
     "images": fig_images,
+    "ssh": fig_ssh,
+    "fleet": fig_fleet,  # issue 19
 }
 # What a figure's rows are called if the figure fails before producing them.
 KEYS = {
@@ -60,6 +64,8 @@ KEYS = {
     "gvisor": fig_gvisor.KEYS,
     "gvisor_checkpoint": fig_gvisor_checkpoint.KEYS,
     "images": fig_images.KEYS,
+    "ssh": fig_ssh.KEYS,
+    "fleet": fig_fleet.KEYS,
 }
 # `make bench` must finish within 10 minutes on 2 cores: profiles that would
 # start after this point are skipped (and the skip is logged).

@@ -84,7 +84,7 @@ def test_sbx_create_ls_describe_terminate(host: Host) -> None:
     assert listed[named]["status"] == "running" and listed[named]["name"] == "cli-web"
 
     table = ok(host, "sbx", "ls").splitlines()
-    assert table[0].split() == ["ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE"]
+    assert table[0].split() == ["ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE", "LABELS"]
     row = next(line.split() for line in table if line.startswith(named))
     assert row[1:5] == ["cli-web", "running", "default", "1"] and row[5:7] == ["1.0", "GiB"]
 

@@ -212,3 +212,29 @@ def test_nested_user_namespaces_only_with_the_host_opt_in(host: Host, sandbox: s
             assert_gone(opted, sid)
         finally:
             opted.stop()
+
+
+def test_a_process_closing_its_pipes_never_kills_the_daemon(host: Host, sandbox: str) -> None:
+    """A write to a pipe whose reader is gone is an error for that request, not a SIGPIPE.
+
+    A process (as nobody, here) closes the stdin the daemon writes to, and its
+    stdout; writing to it then must leave the daemon, and the sandbox, running.
+    """
+    from tensorlake.sandbox import Sandbox, StdinMode
+
+    sbx = Sandbox.connect(sandbox, api_url=host.url, api_key=None)
+    p = sbx.start_process(
+        "setpriv",
+        args=["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+              "exec 0<&- 1>&- 2>&-; sleep 30"],
+        stdin_mode=StdinMode.PIPE,
+    )  # fmt: skip
+    wait_for(lambda: "sleep" in sbx.run("ps", args=["-eo", "args"]).stdout, timeout=20)
+    for _ in range(3):
+        try:
+            sbx.write_stdin(p.pid, b"x" * 70000)  # more than a pipe holds
+        except Exception as exc:  # refused: the reader is gone
+            assert "502" not in str(exc), exc
+    assert sbx.run("echo", args=["alive"]).stdout.strip() == "alive"
+    with host.http() as c:
+        assert c.get(f"{NS}/{sandbox}").json()["status"] == "running"

@@ -267,6 +267,33 @@ def test_suspend_to_disk_frees_memory_and_survives_a_host_restart(
     assert _runsc_list(runsc, state) == []
 
 
+def test_the_host_network_stack_refuses_memory_snapshots_and_suspends_by_freezer(
+    state_root: Path, runsc: str
+) -> None:
+    """SANDBOXD_HOST_GVISOR_NETWORK=host (the default): runsc cannot save hostinet."""
+    from tensorlake.sandbox import CheckpointType, Sandbox, SandboxError
+
+    state = state_root / "h"
+    host = start_host(
+        state,
+        warm=0,
+        extra_args=["--no-net", "--runtime", "gvisor"],
+        env={gvisor.NETWORK_ENV: gvisor.HOSTINET},
+    )
+    try:
+        sbx = Sandbox.create(name="gv-hostinet", memory_mb=512, api_url=host.url, api_key=None)
+        with pytest.raises(SandboxError, match=f"{gvisor.NETWORK_ENV}={gvisor.NETSTACK}"):
+            sbx.checkpoint(checkpoint_type=CheckpointType.MEMORY)
+        assert sbx.status.value == "running"
+        sbx.suspend()  # the freezer: memory stays, the sandbox comes back as it was
+        assert sbx.status.value == "suspended"
+        sbx.resume()
+        assert sbx.run("echo", args=["back"]).stdout.strip() == "back"
+    finally:
+        _cleanup(host)
+        host.stop()
+
+
 # -- pure parts ------------------------------------------------------------------------
 
 
@@ -299,14 +326,98 @@ def test_netstack_runsc_commands_run_in_the_sandbox_netns(tmp_path: Path) -> Non
 
 
 def test_sockets_runsc_would_refuse_to_save_are_found_first() -> None:
+    from sandboxd.api.sockets import parse_proc_net_tcp
+
     header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
-    daemon = "   0: 0231FEA9:C33F 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0\n"
-    inside = "   1: 0100007F:1E61 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0\n"
-    server = "   2: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0\n"
-    outside = "   3: 0231FEA9:9C41 0131FEA9:0050 01 00000000:00000000 00:00000000 00000000 0\n"
-    # The daemon's own listener and connections inside the sandbox are saved.
-    assert checkpoint.unsavable(header + daemon + inside) == []
-    assert checkpoint.unsavable(header + daemon + server + outside) == [
-        "a server listening on port 8080",
+    tail = " 00000000:00000000 00:00000000 00000000 0 0 {} 2\n"
+    rows = [
+        "   0: 0231FEA9:C33F 00000000:0000 0A" + tail.format(3),  # the daemon's listener
+        "   1: 0231FEA9:C33F 0131FEA9:9A8E 01" + tail.format(4),  # this check's connection
+        "   2: 0100007F:1E61 0100007F:9C40 01" + tail.format(5),  # inside the sandbox
+        "   3: 0100007F:1F90 00000000:0000 0A" + tail.format(6),  # http.server (poll)
+        "   4: 0100007F:1E62 00000000:0000 0A" + tail.format(7),  # asyncio (epoll)
+        "   5: 0231FEA9:9C41 0131FEA9:0050 01" + tail.format(8),  # out of the sandbox
+        "   6: 0231FEA9:C33F 0131FEA9:9A8F 01" + tail.format(9),  # the host's: closed first
+        "   7: 0100007F:1E63 0100007F:9C42 06" + tail.format(10),  # time_wait: nothing to save
+    ]
+    sockets = [s.to_json() for s in parse_proc_net_tcp(header + "".join(rows), "tcp")]
+    assert sockets[0]["local"] == "169.254.49.2:49983" and sockets[0]["state"] == "listen"
+    poll, epoll = [{"pid": 9, "epoll": False}], [{"pid": 10, "epoll": True}]
+    for s, holders in zip(sockets, [poll, poll, poll, poll, epoll, poll, poll, epoll], strict=True):
+        s["holders"] = holders
+    assert checkpoint.unsavable(sockets[:4] + sockets[6:]) == []
+    assert checkpoint.unsavable(sockets) == [
+        "a server listening on port 7778 (on epoll)",
         "a connection from port 40001 to outside the sandbox",
     ]
+
+
+def test_a_poll_server_keeps_serving_across_a_memory_snapshot(
+    state_root: Path, runsc: str, netstack: None
+) -> None:
+    """A listening server (Python's http.server: poll, not epoll) is saved and restored running."""
+    import httpx
+    from tensorlake.sandbox import CheckpointType, Sandbox
+
+    from .test_host_dropin import SERVER
+
+    state = state_root / "w"
+    host = start_host(state, warm=0, extra_args=["--no-net", "--runtime", "gvisor"])
+    try:
+        sdk = {"api_url": host.url, "api_key": None}
+        sbx = Sandbox.create(memory_mb=512, exposed_ports=[8080], **sdk)
+        server = sbx.start_process("python3", args=["-c", SERVER, "8080"])
+        port = host.url.rsplit(":", 1)[1]
+
+        def get(sid: str) -> httpx.Response:
+            name = f"8080-{sid}.localhost:{port}"
+            return httpx.get(host.url + "/", headers={"Host": name}, timeout=30)
+
+        wait_for(lambda: get(sbx.sandbox_id).status_code == 200, timeout=60)
+        snap = sbx.checkpoint(checkpoint_type=CheckpointType.MEMORY)
+        assert snap is not None and snap.status.value == "completed", snap
+        assert get(sbx.sandbox_id).text == "hello from inside"  # the original serves on
+        clone = Sandbox.create(snapshot_id=snap.snapshot_id, exposed_ports=[8080], **sdk)
+        try:
+            r = get(clone.sandbox_id)
+            assert (r.status_code, r.text) == (200, "hello from inside")
+            # The same process answered: restored, not started again.
+            procs = {p.pid: p for p in clone.list_processes()}
+            assert procs[server.pid].status.value == "running", procs
+        finally:
+            clone.terminate()
+    finally:
+        _cleanup(host)
+        host.stop()
+
+
+def test_an_exposed_port_is_reached_on_gvisor_s_own_network_stack(
+    state_root: Path, runsc: str, netstack: None
+) -> None:
+    """The Sentry's loopback is not the netns's: the host goes through the daemon's tunnel."""
+    import httpx
+    from tensorlake.sandbox import Sandbox
+
+    from .test_host_dropin import SERVER
+
+    state = state_root / "p"
+    host = start_host(state, warm=0, extra_args=["--no-net", "--runtime", "gvisor"])
+    try:
+        sbx = Sandbox.create(
+            memory_mb=512, exposed_ports=[8080, 8081], api_url=host.url, api_key=None
+        )
+        sbx.start_process("python3", args=["-c", SERVER, "8080"])
+        port = host.url.rsplit(":", 1)[1]
+
+        def get(p: int) -> httpx.Response:
+            name = f"{p}-{sbx.sandbox_id}.localhost:{port}"
+            return httpx.get(host.url + "/", headers={"Host": name}, timeout=30)
+
+        wait_for(lambda: get(8080).status_code == 200, timeout=60)
+        assert get(8080).text == "hello from inside"
+        # Nothing listens on the other exposed port: a 502 with its code, not a hang.
+        r = get(8081)
+        assert (r.status_code, r.json()["code"]) == (502, "PORT_UNREACHABLE"), r.text
+    finally:
+        _cleanup(host)
+        host.stop()

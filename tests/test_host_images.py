@@ -156,7 +156,7 @@ def test_the_sdk_starts_a_registry_image_with_its_env_workdir_user_and_layers(wo
     finally:
         sbx.terminate()
     # Pulled once: a second create finds it in the store.
-    listed = [json.loads(line)["name"] for line in world.cli("list").stdout.splitlines()]
+    listed = [json.loads(line)["name"] for line in world.cli("list", "--json").stdout.splitlines()]
     assert listed.count(ref) == 1
 
 
@@ -170,7 +170,7 @@ def test_zstd_layers_are_pulled_and_unpacked(world: World) -> None:
     }
     r = world.cli("pull", world.ref("zstd", "test/zstd"))
     assert r.returncode == 0, r.stderr
-    found = [json.loads(x) for x in world.cli("list").stdout.splitlines()]
+    found = [json.loads(x) for x in world.cli("list", "--json").stdout.splitlines()]
     (img,) = [d for d in found if d["name"] == world.ref("zstd", "test/zstd")]
     rootfs = Path(str(img["rootfs"]))
     assert (rootfs / "srv/app/hello.txt").read_text() == "hello from layer 2\n"
@@ -187,7 +187,7 @@ def test_a_manifest_list_resolves_to_this_machines_architecture(world: World) ->
     assert r.returncode == 0, r.stderr
     (img,) = [
         json.loads(x)
-        for x in world.cli("list").stdout.splitlines()
+        for x in world.cli("list", "--json").stdout.splitlines()
         if json.loads(x)["name"] == world.ref("multi")
     ]
     # This machine's entry is v1 (two layers, its config); the other one is base.
@@ -279,7 +279,7 @@ def test_docker_save_tarballs_and_oci_layouts_import_with_their_config(world: Wo
     assert r.returncode == 1 and "[IMAGE_TAG_REQUIRED]" in r.stderr, r.stderr
     images = {
         d["name"]: d
-        for d in (json.loads(x) for x in world.cli("list", store=store).stdout.splitlines())
+        for d in (json.loads(x) for x in world.cli("list", "--json", store=store).stdout.splitlines())
     }
     assert sorted(images) == ["from-layout", "from-tar"]
     for d in images.values():
@@ -313,7 +313,7 @@ def test_prune_removes_only_images_nothing_uses(world: World) -> None:
         assert "removed unused" in removed and "removed .build-x-999999999-1" in removed
         assert "removed .buildah" in removed and not (world.store / ".buildah").exists()
         assert f"removed {ref}" not in removed, r.stdout
-        names = [json.loads(x)["name"] for x in world.cli("list").stdout.splitlines()]
+        names = [json.loads(x)["name"] for x in world.cli("list", "--json").stdout.splitlines()]
         assert ref in names and "unused" not in names
         assert not leftover.exists()
         # rm of an image a sandbox runs on is refused.
@@ -439,7 +439,7 @@ def test_a_dockerfile_from_a_registry_image_builds_and_runs(world: World) -> Non
     (ctx / "Dockerfile").write_text(f"FROM {world.ref()}\nRUN exit 3\n")
     r = world.cli("build", "broken", str(ctx), "--dockerfile", str(ctx / "Dockerfile"))
     assert r.returncode == 1 and "[BUILD_FAILED]" in r.stderr, r.stderr
-    assert "broken" not in world.cli("list").stdout
+    assert "broken" not in world.cli("list", "--json").stdout
     assert not [p for p in world.store.iterdir() if p.name.startswith(".build-")]
 
 
@@ -478,7 +478,7 @@ def test_a_dockerfile_from_the_default_image_installs_a_debian_package(world: Wo
     assert r.returncode == 0, r.stderr
     (img,) = [
         json.loads(x)
-        for x in world.cli("list", store=store).stdout.splitlines()
+        for x in world.cli("list", "--json", store=store).stdout.splitlines()
         if json.loads(x)["name"] == "withpkg"
     ]
     rootfs = Path(str(img["rootfs"]))

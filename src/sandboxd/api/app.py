@@ -15,7 +15,7 @@ from aiohttp import web
 from ..config import SETTINGS_KEY, Settings
 from ..edge import LIMITS, ErrorMap, Limits, bearer_auth, cross_site_guard, errors_middleware
 from ..engine import ProcessTable
-from . import error_map, files, processes, pty, system, tunnels
+from . import error_map, files, processes, pty, sockets, ssh, system, tunnels
 
 log = logging.getLogger("sandboxd.http")
 
@@ -38,7 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     app[LIMITS] = limits
     app[system.STARTED_AT] = time.monotonic()
     app[SETTINGS_KEY] = settings
-    for module in (system, processes, files, pty, tunnels):
+    for module in (system, processes, files, pty, tunnels, ssh, sockets):
         app.add_routes(module.routes)
 
     async def table_ctx(app: web.Application):  # type: ignore[no-untyped-def]
@@ -53,7 +53,7 @@ def create_app(settings: Settings) -> web.Application:
     # A route module that owns long-lived state (PTY sessions, ...) exposes a
     # ``lifespan(app)`` async generator; it runs after the process table is up
     # and is torn down before it.
-    for module in (files, pty, tunnels):
+    for module in (files, pty, tunnels, ssh):
         lifespan = getattr(module, "lifespan", None)
         if lifespan is not None:
             app.cleanup_ctx.append(lifespan)

@@ -24,7 +24,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from .. import __version__
 from ..files import errors as fcodes
-from . import files, models, pty, schemas, tunnels
+from . import files, models, pty, schemas, ssh, tunnels
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -294,6 +294,23 @@ OPERATIONS: tuple[Operation, ...] = (
         502: error("127.0.0.1:port could not be reached (checked before the upgrade).",
                    "CONNECTION_REFUSED", "CONNECTION_FAILED", "CONNECTION_TIMEOUT"),
     }, query=tunnels.TunnelQuery, websocket=True),
+    # --- sockets ---
+    Operation("GET", "/api/v1/sockets", "list_sockets", "TCP sockets and their holders",
+              "system", {200: Reply("Beyond the contract: every TCP socket of the sandbox, "
+                                    "with the processes holding it.", schemas.SocketList)}),
+    # --- ssh ---
+    Operation("GET", "/api/v1/ssh/status", "ssh_status", "SSH server status", "ssh",
+              {200: Reply("Whether the SSH server runs, and its host key.", schemas.SshStatus)}),
+    Operation("POST", "/api/v1/ssh/enable", "ssh_enable", "Start the SSH server", "ssh", {
+        200: Reply("Listening on the sandbox's 127.0.0.1; only `proxy_pubkey` may log in.",
+                   schemas.SshStatus),
+        400: error("Invalid body, key or user.", *JSON_BODY_400, "INVALID_PUBLIC_KEY",
+                   "INVALID_USER", "USER_NOT_FOUND"),
+        409: error("The configured port is taken.", "SSH_PORT_UNAVAILABLE"),
+    }, description="Idempotent: a second enable replaces the authorized key and keeps the "
+                   "host key.", body=ssh.EnableSshRequest),
+    Operation("POST", "/api/v1/ssh/disable", "ssh_disable", "Stop the SSH server", "ssh",
+              {200: Reply("Stopped; open SSH connections are closed.", schemas.SshStatus)}),
 )
 # fmt: on
 

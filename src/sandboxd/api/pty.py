@@ -25,7 +25,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.http import WSMsgType  # not `from aiohttp`: see sandboxd.leanimports
 from pydantic import Field, field_validator
 
 from ..engine import (

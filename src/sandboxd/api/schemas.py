@@ -196,3 +196,30 @@ SSE_EVENTS: dict[str, type[BaseModel]] = {
     "exit": RunExit,
     "eof": EofEvent,
 }
+
+
+class SshStatus(_Reply):
+    enabled: bool
+    pid: int | None = Field(description="The process serving SSH (the daemon) while enabled.")
+    host_key_fingerprint: str | None = Field(description="`SHA256:...` of the server's host key.")
+    port: int | None = Field(
+        default=None, description="Beyond the contract: its port on the sandbox's 127.0.0.1."
+    )
+
+
+class SocketHolder(_Reply):
+    pid: int
+    epoll: bool = Field(description="The process has an epoll instance (any).")
+
+
+class SocketInfo(_Reply):
+    protocol: Literal["tcp", "tcp6"]
+    state: str = Field(description="`listen`, `established`, ... as in /proc/net/tcp.")
+    local: str
+    remote: str
+    inode: int
+    holders: list[SocketHolder]
+
+
+class SocketList(_Reply):
+    sockets: list[SocketInfo]

@@ -8,7 +8,6 @@ import time
 from aiohttp import web
 
 from .. import __version__
-from . import openapi
 from .processes import TABLE
 
 routes = web.RouteTableDef()
@@ -37,5 +36,9 @@ async def info(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/openapi.json")
 async def openapi_document(request: web.Request) -> web.Response:
-    # Generated once per process from the models the handlers validate with.
+    # Generated once per process from the models the handlers validate with;
+    # imported here, not at start-up: the generator and the response models
+    # are 1.3 MB that a daemon nobody asks for its document never needs.
+    from . import openapi
+
     return web.Response(body=openapi.document_bytes(), content_type="application/json")

@@ -24,7 +24,8 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
+from aiohttp.http import WSCloseCode, WSMsgType  # not `from aiohttp`: see sandboxd.leanimports
 from pydantic import BeforeValidator, Field
 
 from . import models

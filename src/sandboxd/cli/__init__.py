@@ -61,9 +61,10 @@ def build_parser(only_serve: bool = False) -> argparse.ArgumentParser:
     if only_serve:
         _remember_parsers(parser)
         return parser
-    from . import files, host, image, procs, run, sbx, system, terminal
+    from . import files, fleet, host, image, procs, run, sbx, system, terminal
 
     host.add_parser(sub)
+    fleet.add_parser(sub)  # sandboxd gateway (issue 19)
     image.add_parser(sub)
     parent = target_parser()
     for module in (system, procs, run, terminal, files):
@@ -83,7 +84,13 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    parser = build_parser(only_serve=args[:1] == ["serve"])
+    only_serve = args[:1] == ["serve"]
+    if only_serve:
+        # The daemon (one per sandbox) never runs aiohttp's client: skip importing it.
+        from ..leanimports import aiohttp_server_only
+
+        aiohttp_server_only()
+    parser = build_parser(only_serve=only_serve)
     if not args:
         # Bare `sandboxd`: what there is to run, rather than a one-line complaint.
         parser.print_help()
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         owner: argparse.ArgumentParser = getattr(ns, USAGE_PARSER, parser)
         owner.error(f"unrecognized arguments: {' '.join(extras)}")
-    if ns.cmd in ("serve", "host", "image"):
+    if ns.cmd in ("serve", "host", "image", "gateway"):
         return int(ns.run(ns))
     if getattr(ns, "handler", None) is None:
         # A group without its command (`sandboxd sbx`): list what it has.

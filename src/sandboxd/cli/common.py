@@ -201,3 +201,32 @@ async def read_chunks(fd: int, size: int) -> AsyncIterator[bytes]:
         if not data:
             return
         yield data
+
+
+# --- `sandboxd host` and its operator commands ---
+
+HOST_STATE_DIR = "/var/lib/sandboxd-host"
+
+
+def host_subcommands(host: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
+    """The one subparsers action of ``sandboxd host`` (keys, ssh-keys, volumes, drain...).
+
+    argparse allows one per parser: the first caller makes it, the others share it.
+    """
+    subs = [a for a in host._actions if isinstance(a, argparse._SubParsersAction)]
+    return subs[0] if subs else host.add_subparsers(dest="host_cmd", metavar="COMMAND")
+
+
+def add_host_state_dir(p: argparse.ArgumentParser, what: str = "the host's state dir") -> None:
+    """``--state-dir``: where an operator command finds the host's files (as root, on its machine)."""
+    from pathlib import Path
+
+    from ..config import env
+
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=env("SANDBOXD_HOST_STATE_DIR", HOST_STATE_DIR),
+        metavar="DIR",
+        help=f"{what} [SANDBOXD_HOST_STATE_DIR] (default {HOST_STATE_DIR})",
+    )

@@ -18,7 +18,10 @@ from aiohttp import web
 from ..config import env
 
 if TYPE_CHECKING:
+    from ..fleet.join import ClusterOptions
+    from ..host.domain import PublicUrl
     from ..host.network import Config as NetConfig
+    from ..host.tls import ReloadingTls
 
 log = logging.getLogger("sandboxd.host")
 
@@ -41,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         metavar="ADDR",
         help="bind address [SANDBOXD_HOST_ADDR] (default 127.0.0.1)",
     )
+    from . import hostssh
+
+    hostssh.add_arguments(p)  # --ssh-port
     p.add_argument(
         "--port",
         type=int,
@@ -73,6 +79,29 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         default=env("SANDBOXD_HOST_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' (the SDK's TENSORLAKE_API_KEY) on every "
         "route [SANDBOXD_HOST_TOKEN]; prefer the variable: a flag is visible in ps",
+    )
+    p.add_argument(
+        "--public-url",
+        default=env("SANDBOXD_HOST_PUBLIC_URL"),
+        metavar="URL",
+        help="domain mode: where clients reach this host, https://sandbox.<domain>[:port]; "
+        "clients then set TENSORLAKE_API_URL=https://api.<domain>, and a key is always "
+        "required (docs/deploy.md) [SANDBOXD_HOST_PUBLIC_URL]",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env("SANDBOXD_HOST_TLS_CERT"),
+        metavar="FILE",
+        help="serve HTTPS with this certificate chain (PEM); reloaded on SIGHUP and when the "
+        "file changes [SANDBOXD_HOST_TLS_CERT]",
+    )
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env("SANDBOXD_HOST_TLS_KEY"),
+        metavar="FILE",
+        help="the certificate's private key (PEM) [SANDBOXD_HOST_TLS_KEY]",
     )
     p.add_argument(
         "--warm",
@@ -126,6 +155,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help="[SANDBOXD_LOG_LEVEL] (default info)",
     )
     p.set_defaults(run=run)
+    from . import hostkeys
+
+    hostkeys.add_parser(p)  # sandboxd host keys create|list|revoke
+    from . import fleet
+
+    fleet.add_cluster_args(p)  # issue 19: --cluster, --node, --advertise (docs/fleet.md)
+    fleet.add_drain(p)  # sandboxd host drain NODE
+    hostssh.add_commands(p)  # sandboxd host ssh-keys add|list|rm
+    from . import volumes
+
+    volumes.register(p)  # sandboxd host volumes create|ls|rm
     return p
 
 
@@ -166,6 +206,10 @@ async def serve(
     sandbox_runtime: str = "bwrap",
     build_default: bool = True,
     nested_userns: bool = False,
+    public_url: PublicUrl | None = None,
+    tls: ReloadingTls | None = None,
+    cluster: ClusterOptions | None = None,
+    ssh_port: int = 0,
 ) -> None:
     from ..edge import harden
     from ..host import gvisor
@@ -198,7 +242,15 @@ async def serve(
             sandbox_runtime=sandbox_runtime,
             nested_userns=nested_userns,
         )
-        app = create_app(manager, token=token or None)
+        joined = None
+        if cluster is not None:  # issue 19: node agent and fleet front (fleet/join.py)
+            from ..fleet.join import Joined
+
+            joined = Joined(cluster, manager, token or None)
+        fleet = joined.front if joined else None
+        app = create_app(manager, token=token or None, public_url=public_url, fleet=fleet)
+        if joined is not None:
+            app.cleanup_ctx.append(joined.lifespan)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
     except BaseException:
         sock.close()
@@ -208,12 +260,21 @@ async def serve(
         await runner.setup()
         # The shared edge's connection cap, idle/header timeout, JSON protocol errors.
         harden(runner)
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=tls.listener if tls else None).start()
     except BaseException:
         await runner.cleanup()
         sock.close()
         raise
-    log.info("sandboxd host listening on http://%s:%d (state in %s)", host, port, state_dir)
+    from . import hostssh
+
+    try:
+        gateway = await hostssh.start_gateway(manager, host, ssh_port, state_dir)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    scheme = "https" if tls else "http"
+    log.info("sandboxd host listening on %s://%s:%d (state in %s)", scheme, host, port, state_dir)
+    print(client_environment(scheme, port, token, public_url, _has_keys(state_dir)), flush=True)
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening beyond loopback without --token: anyone who can connect can run code"
@@ -222,10 +283,62 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if tls is not None:  # a renewed certificate is used without a restart (host/tls.py)
+        loop.add_signal_handler(signal.SIGHUP, tls.reload, "SIGHUP")
+        watcher = asyncio.ensure_future(tls.watch())
+    else:  # a `systemctl reload` must not stop the host (SIGHUP's default)
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: no --tls-cert to reload")
     try:
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
+        if gateway is not None:
+            await gateway.close()
         await runner.cleanup()
+
+
+def _has_keys(state_dir: Path) -> bool:
+    from ..host.apikeys import KeyError_, KeyFile
+
+    try:
+        return bool(KeyFile(state_dir).keys())
+    except KeyError_:
+        return True
+
+
+def client_environment(
+    scheme: str, port: int, token: str | None, public_url: PublicUrl | None, has_keys: bool
+) -> str:
+    """What a client must set, printed at start: the one URL shape that reaches this host.
+
+    Any other TENSORLAKE_API_URL makes the SDK send its calls, and the key, to
+    Tensorlake's cloud.
+    """
+    url = public_url.api_url if public_url else f"{scheme}://127.0.0.1:{port}"
+    if token:
+        key = (
+            "export TENSORLAKE_API_KEY=<this host's --token (every namespace), or a key from: "
+            "sandboxd host keys create --namespace NS>"
+        )
+    elif public_url or has_keys:
+        key = "export TENSORLAKE_API_KEY=<a key from: sandboxd host keys create --namespace NS>"
+    else:
+        key = "unset TENSORLAKE_API_KEY   # this host has no --token and no keys"
+    where = (
+        f"from machines where api.{public_url.domain}, {public_url.sandbox_host} and "
+        f"*.{public_url.sandbox_host} resolve to it"
+        if public_url
+        else "from this machine"
+    )
+    return (
+        f"sandboxd host: clients reach this host {where} with:\n"
+        f"  export TENSORLAKE_API_URL={url}\n"
+        f"  {key}\n"
+        "sandboxd host: any other TENSORLAKE_API_URL sends the SDK's calls and key to "
+        "Tensorlake's cloud, not here"
+    )
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -236,10 +349,17 @@ def run(ns: argparse.Namespace) -> int:
     # anyway) nor printed in logs.
     os.environ.pop("SANDBOXD_HOST_TOKEN", None)
     setup_logging(ns.log_level, "text", secrets=[token])
+    from ..host.domain import PublicUrl
     from ..host.network import Config as NetConfig
+    from ..host.tls import ReloadingTls
+    from .fleet import cluster_options
 
     try:
         net = None if ns.no_net else NetConfig(router=ns.net_router or None, subnet=ns.net_subnet)
+        public_url = PublicUrl.parse(ns.public_url) if ns.public_url else None
+        if (ns.tls_cert is None) != (ns.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        tls = ReloadingTls(ns.tls_cert, ns.tls_key) if ns.tls_cert else None
     except ValueError as exc:
         raise SystemExit(f"sandboxd host: {exc}") from exc
     with contextlib.suppress(KeyboardInterrupt):
@@ -255,6 +375,10 @@ def run(ns: argparse.Namespace) -> int:
                 sandbox_runtime=ns.runtime,
                 build_default=not ns.no_build_default,
                 nested_userns=ns.allow_nested_userns,
+                public_url=public_url,
+                tls=tls,
+                ssh_port=int(ns.ssh_port),
+                cluster=cluster_options(ns),
             )
         )
     return 0

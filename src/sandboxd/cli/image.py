@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from ..config import env
+from .common import human_bytes, human_duration, print_table
 
 DEFAULT_IMAGES = "/var/lib/sandboxd-host/images"
 DEFAULT_STATE_DIR = "/var/lib/sandboxd-host"
@@ -45,8 +46,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help="build an image from the Debian archive with mmdebstrap, or from a Dockerfile "
         "with buildah (--dockerfile)",
     )
-    b.add_argument("name", nargs="?", default=images.DEFAULT_IMAGE)
-    b.add_argument("context", nargs="?", type=Path, help="the Dockerfile's build context dir")
+    b.add_argument(
+        "name",
+        nargs="?",
+        default=images.DEFAULT_IMAGE,
+        help=f"the image's name, what Sandbox.create(image=NAME) asks for "
+        f"(default {images.DEFAULT_IMAGE})",
+    )
+    b.add_argument(
+        "context",
+        nargs="?",
+        type=Path,
+        help="with --dockerfile: the build context dir (default: the Dockerfile's dir)",
+    )
     b.add_argument(
         "--dockerfile", type=Path, metavar="PATH", help="build from this Dockerfile (buildah)"
     )
@@ -67,15 +79,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help="Debian packages beyond the essential set, comma-separated "
         f"(default {','.join(images.DEFAULT_PACKAGES)})",
     )
-    b.add_argument("--suite", default=images.DEFAULT_SUITE)
-    b.add_argument("--mirror", default=images.DEFAULT_MIRROR)
+    b.add_argument(
+        "--suite",
+        default=images.DEFAULT_SUITE,
+        help=f"the Debian release to install (default {images.DEFAULT_SUITE})",
+    )
+    b.add_argument(
+        "--mirror",
+        default=images.DEFAULT_MIRROR,
+        metavar="URL",
+        help=f"the Debian archive to install from (default {images.DEFAULT_MIRROR})",
+    )
     b.add_argument(
         "--if-missing", action="store_true", help="do nothing if the image already exists"
     )
     pl = isub.add_parser(
         "pull", help="fetch an image from a registry (REGISTRY[:PORT]/REPO[:TAG]) with skopeo"
     )
-    pl.add_argument("ref")
+    pl.add_argument(
+        "ref",
+        help="REGISTRY[:PORT]/REPO[:TAG]; the image is stored under this name",
+    )
     pl.add_argument(
         "--registry-auth",
         type=Path,
@@ -87,11 +111,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         "import",
         help="import a root filesystem dir, a `docker save` tarball or an OCI layout dir[:TAG]",
     )
-    i.add_argument("name")
-    i.add_argument("path", type=Path)
-    isub.add_parser("list", help="list the images (one JSON object a line)")
+    i.add_argument("name", help="the name to store it under")
+    i.add_argument(
+        "path",
+        type=Path,
+        help="a root filesystem dir, a `docker save` tarball, or an OCI layout dir "
+        "(DIR:TAG picks a tag)",
+    )
+    ls = isub.add_parser(
+        "list", help="list the images: NAME, SIZE, CREATED, SOURCE (--json for machines)"
+    )
+    ls.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object a line: name, rootfs, uid_offset, created_at, source, size, config",
+    )
     r = isub.add_parser("rm", help="remove an image")
-    r.add_argument("name")
+    r.add_argument("name", help="the image to remove (refused while a live sandbox uses it)")
     pr = isub.add_parser(
         "prune",
         help="remove images no live sandbox, snapshot or pool uses (never the default), "
@@ -146,8 +182,23 @@ def run(ns: argparse.Namespace) -> int:
             img = store.import_path(ns.name, ns.path, log=err)
             print(f"imported image {img.name}: {img.rootfs}")
         elif ns.image_cmd == "list":
-            for found in store.all():
-                print(json.dumps(found.describe()))
+            found = store.all()
+            if ns.json:
+                for img in found:
+                    print(json.dumps(img.describe()))
+            else:
+                print_table(
+                    ("NAME", "SIZE", "CREATED", "SOURCE"),
+                    [
+                        (
+                            img.name,
+                            human_bytes(img.size) if img.size else "-",
+                            human_duration(time.time() - img.created_at) + " ago",
+                            img.source,
+                        )
+                        for img in found
+                    ],
+                )
         elif ns.image_cmd == "rm":
             if not store.remove(ns.name):
                 sys.stderr.write(f"sandboxd image: {store.missing_hint(ns.name)}\n")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import fnmatch
 from typing import Any
+
+from multidict import MultiDict
 
 from . import hostapi, pools
 from .client import Client
@@ -21,6 +24,7 @@ from .common import (
     EXIT_USAGE,
     CliError,
     add_json_flag,
+    human_bytes,
     print_json,
     print_table,
 )
@@ -32,6 +36,7 @@ POLL_S = 0.2
 CREATE_BUDGET_MS = 20_000
 STATUSES = ("pending", "running", "suspending", "suspended", "snapshotting")
 ENDED = ("terminated", "failed")
+PAGE = 1000  # the host's largest page; `ls` follows next_cursor to the end
 
 
 def register(
@@ -51,13 +56,21 @@ def register(
         parents=[parent],
         help="list the live sandboxes",
         description="List the namespace's live sandboxes (pending, running, suspending, "
-        "suspended, snapshotting), oldest first.",
+        "suspended, snapshotting), oldest first. --status and --label are answered by the "
+        "host (a fleet of thousands is listed page by page).",
     )
     p.add_argument(
         "--status",
         action="append",
         metavar="STATUS",
-        help=f"only these statuses (repeatable or comma-separated: {', '.join(STATUSES)})",
+        help=f"only these statuses (repeatable or comma-separated: {', '.join(STATUSES)}; "
+        f"{', '.join(ENDED)} list ended ones)",
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only sandboxes with this label (repeatable: all must match; KEY alone: any value)",
     )
     p.add_argument("--name", metavar="PATTERN", help="only names matching this glob (e.g. 'web-*')")
     add_json_flag(p)
@@ -72,6 +85,12 @@ def register(
     )
     add_sandbox_spec(p)
     p.add_argument("--name", help="a name, unique among the namespace's live sandboxes")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label (repeatable); `sbx ls --label KEY=VALUE` finds it",
+    )
     p.add_argument(
         "--snapshot",
         metavar="SNAPSHOT_ID",
@@ -88,8 +107,10 @@ def register(
     p = cmds.add_parser(
         "describe",
         parents=[parent],
-        help="show one sandbox",
-        description="Show one sandbox (also a terminated one, by id).",
+        help="show one sandbox, with its usage",
+        description="Show one sandbox (also a terminated one, by id), with its labels and, "
+        "while it is live, its usage: CPU time, memory (current, peak, limit), disk used of "
+        "its disk and network bytes.",
     )
     p.add_argument("sandbox", metavar="ID|NAME")
     add_json_flag(p)
@@ -145,14 +166,47 @@ def _statuses(ns: argparse.Namespace) -> set[str] | None:
     return wanted
 
 
+def _labels(pairs: list[str] | None, what: str) -> list[str]:
+    for item in pairs or ():
+        if not item.partition("=")[0]:
+            raise CliError(f"{what} expects KEY=VALUE, got {item!r}", EXIT_USAGE)
+    return list(pairs or ())
+
+
+async def list_sandboxes(
+    client: Client, namespace: str, statuses: set[str] | None, labels: list[str]
+) -> list[dict[str, Any]]:
+    """Every sandbox the host's query selects, following ``next_cursor`` page by page."""
+    out: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        params: MultiDict[str] = MultiDict([("limit", str(PAGE))])
+        for status in sorted(statuses or ()):
+            params.add("status", status)
+        for label in labels:
+            params.add("label", label)
+        if cursor is not None:
+            params.add("cursor", cursor)
+        body = await client.call("GET", hostapi.sandboxes(namespace), params=params)
+        out += body.get("sandboxes", [])
+        cursor = body.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def _label_text(labels: object) -> str:
+    if not isinstance(labels, dict) or not labels:
+        return "-"
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 async def ls(ns: argparse.Namespace, client: Client) -> int:
     wanted = _statuses(ns)
-    body = await client.call("GET", hostapi.sandboxes(ns.namespace))
+    found = await list_sandboxes(client, ns.namespace, wanted, _labels(ns.label, "--label"))
     items = [
         s
-        for s in body.get("sandboxes", [])
-        if (wanted is None or s.get("status") in wanted)
-        and (ns.name is None or fnmatch.fnmatchcase(str(s.get("name") or ""), ns.name))
+        for s in found
+        if ns.name is None or fnmatch.fnmatchcase(str(s.get("name") or ""), ns.name)
     ]
     if ns.json:
         print_json(items)
@@ -169,9 +223,10 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
                 cpus(res.get("cpus")),
                 mib(res.get("memory_mb")),
                 age(s.get("created_at")),
+                _label_text(s.get("labels")),
             )
         )
-    print_table(("ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE"), rows)
+    print_table(("ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE", "LABELS"), rows)
     return EXIT_OK
 
 
@@ -181,6 +236,9 @@ async def create(ns: argparse.Namespace, client: Client) -> int:
         body["name"] = ns.name
     if ns.snapshot:
         body["snapshot_id"] = ns.snapshot
+    if ns.label:
+        pairs = (item.partition("=") for item in _labels(ns.label, "--label"))
+        body["labels"] = {key: value for key, _, value in pairs}
     body["wait"] = bool(ns.wait)
     headers = {"x-tensorlake-request-timeout-ms": str(CREATE_BUDGET_MS)}
     async with client.request(
@@ -218,6 +276,12 @@ async def wait_started(client: Client, namespace: str, sid: str) -> dict[str, An
 
 async def describe(ns: argparse.Namespace, client: Client) -> int:
     info = await hostapi.describe(client, ns.namespace, ns.sandbox)
+    if info.get("status") in ("running", "suspending", "suspended", "snapshotting"):
+        # GET .../usage (the host's usage.py): the figures now; a sandbox that
+        # ended meanwhile (409) is shown without them.
+        path = f"{hostapi.sandbox(ns.namespace, str(info.get('id')))}/usage"
+        with contextlib.suppress(CliError):
+            info["usage"] = (await client.call("GET", path)).get("current")
     if ns.json:
         print_json(info)
         return EXIT_OK
@@ -233,6 +297,7 @@ async def describe(ns: argparse.Namespace, client: Client) -> int:
         ("disk", mib(res.get("disk_mb"))),
         ("timeout", f"{info['timeout_secs']}s" if info.get("timeout_secs") else "none"),
         ("age", age(info.get("created_at"))),
+        ("labels", _label_text(info.get("labels"))),
     ]
     optional = (
         "pool_id",
@@ -245,10 +310,21 @@ async def describe(ns: argparse.Namespace, client: Client) -> int:
     rows += [(key, _text(info[key])) for key in optional if info.get(key) not in (None, [])]
     if info.get("error_details"):
         rows.append(("error", _text(info["error_details"].get("message"))))
-    for key, value in _flat("", info.get("usage")):
-        rows.append((f"usage.{key}", value))
+    for key, value in (info.get("usage") or {}).items():
+        rows.append((f"usage.{key}", _figure(key, value)))
     print_table(("FIELD", "VALUE"), rows)
     return EXIT_OK
+
+
+def _figure(key: str, value: object) -> str:
+    """A usage figure for people: bytes with a unit, CPU time in seconds."""
+    if not isinstance(value, int):
+        return "-"
+    if key.endswith("_bytes"):
+        return human_bytes(value)
+    if key == "cpu_usec":
+        return f"{value / 1e6:.2f}s"
+    return str(value)
 
 
 def _text(value: object) -> str:
@@ -257,16 +333,6 @@ def _text(value: object) -> str:
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
     return str(value)
-
-
-def _flat(prefix: str, value: object) -> list[tuple[str, str]]:
-    """A nested object (e.g. usage figures, when the host reports them) as dotted keys."""
-    if not isinstance(value, dict):
-        return [] if value is None or not prefix else [(prefix, _text(value))]
-    out: list[tuple[str, str]] = []
-    for key, sub in value.items():
-        out += _flat(f"{prefix}.{key}" if prefix else str(key), sub)
-    return out
 
 
 async def terminate(ns: argparse.Namespace, client: Client) -> int:

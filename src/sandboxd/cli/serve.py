@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -439,6 +440,11 @@ async def serve(settings: Settings) -> None:
         keepalive_timeout=settings.idle_timeout_s,
     )
     await runner.setup()
+    # Everything start-up made (modules, models, routes: ~150k objects) lives
+    # as long as the daemon. Out of the collector's generations, the full
+    # collections that requests' garbage triggers stop walking it: measured
+    # 8-10% less daemon CPU per `run` of /bin/true (bench/NOTES.md).
+    gc.freeze()
     try:
         where = await _listen(runner, settings)
     except OSError as exc:

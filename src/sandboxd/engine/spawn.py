@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import os
 import pwd
@@ -34,6 +35,13 @@ from dataclasses import dataclass, field
 from .cgroups import CgroupLayout, ProcessCgroup
 
 SH = "/bin/sh"
+# Pipes the daemon reads a child's output from. The kernel's default is 64 KiB:
+# a writer faster than the daemon fills it between two wakeups and then waits
+# for each one, so the two run in lock step. 1 MiB (the kernel's default
+# ceiling, fs.pipe-max-size) lets the writer run ahead while the daemon is busy
+# and lets one wakeup take more (bench/NOTES.md, capture). Best effort: a
+# daemon over its user's pipe page quota keeps the default.
+CAPTURE_PIPE_BYTES = 1 << 20
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 # Read at import, before the server raises its own soft limit (edge.connections).
 NOFILE_AT_START = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -366,6 +374,9 @@ def spawn(
         r, w = os.pipe2(os.O_CLOEXEC)
         parent, child = (r, w) if parent_reads else (w, r)
         os.set_blocking(parent, False)
+        if parent_reads:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, CAPTURE_PIPE_BYTES)
         ours.append(parent)
         theirs.append(child)
         return parent, child

@@ -16,8 +16,25 @@ from typing import Any
 
 from aiohttp import web
 
-from ..edge import LIMITS, Limits, bearer_auth, cross_site_guard, errors_middleware
-from . import archive, capacity, ingress, lifecycle, logs, observe, proxy, pulls, resize
+from .. import console
+from ..edge import LIMITS, Limits, cross_site_guard, errors_middleware
+from ..edge.auth import grant_auth
+from . import (
+    archive,
+    capacity,
+    domain,
+    ingress,
+    labels,
+    lifecycle,
+    logs,
+    observe,
+    proxy,
+    pulls,
+    resize,
+    usage,
+    volroutes,
+)
+from .apikeys import Authority, KeyFile
 from .manager import Manager
 from .model import (
     PENDING,
@@ -34,17 +51,22 @@ from .model import parse_update as parse_patch
 from .routing import (
     MANAGER,
     PREFIX,
+    PUBLIC_URL,
     answer_started,
     body_of,
     find,
+    namespace_scope,
     sandbox_url,
+    visible,
 )
 
 log = logging.getLogger("sandboxd.host")
 
 ARCHIVED = "/v1/namespaces/{ns}/archived-sandboxes"
 
-__all__ = ["MANAGER", "PREFIX", "create_app"]
+AUTHORITY: web.AppKey[Authority] = web.AppKey("authority", Authority)
+
+__all__ = ["AUTHORITY", "MANAGER", "PREFIX", "create_app"]
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -53,6 +75,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     # A restore inherits the snapshot's image and resources (404 for an unknown one).
     spec = parse_create(m.snapshots.inherit(ns, await body_of(request)))
     capacity.check(spec, m.state_dir)  # 400 for what this host can never give
+    m.volumes.check_create(ns, spec.file_systems)  # 400 for an unknown volume (volumes.py)
     capacity.check_network(spec.network, m.net.enabled, m.net.reason)
     await m.check_network(spec.network)  # 400 for a name that does not resolve
     await pulls.ensure(m.images, spec.image)  # issue 17: a registry image is pulled first
@@ -67,9 +90,14 @@ async def list_(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     ns = check_namespace(request.match_info["ns"])
     url = sandbox_url(request)
-    items = [info(r, url) for r in m.store.all() if r.namespace == ns and r.live]
-    items.sort(key=lambda i: i["created_at"])
-    return web.json_response({"sandboxes": items})
+    # status, label=k=v, limit and cursor (labels.py); without them: every live one.
+    chosen, next_cursor = labels.query(
+        m.store.all(), ns, request.query, lambda k: request.query.getall(k, [])
+    )
+    body: dict[str, Any] = {"sandboxes": [info(r, url) for r in chosen]}
+    if next_cursor is not None:
+        body["next_cursor"] = next_cursor
+    return web.json_response(body)
 
 
 async def list_archived(request: web.Request) -> web.StreamResponse:
@@ -192,17 +220,20 @@ async def sandbox_proxy(request: web.Request) -> web.StreamResponse:
 
 async def _to_sandbox(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
-    sid = proxy.sandbox_id_of(request)
+    public = request.app.get(PUBLIC_URL)
+    sid = proxy.sandbox_id_of(request) or (
+        public.sandbox_id_of_host(request.headers.get("Host", "")) if public else None
+    )
     if sid is None:
         raise ApiError(
             400,
             "NO_SANDBOX_NAMED",
             "name the sandbox with 'Host: <id>.local' or 'X-Tensorlake-Sandbox-Id: <id>'",
         )
-    rec = m.store.by_id(sid)
+    rec = visible(request, m.store.by_id(sid))  # another namespace's: 404
     if rec is not None and rec.status == SNAPSHOTTING:
         await m.snapshots.settled(sid)  # frozen while archived: wait for the thaw
-        rec = m.store.by_id(sid)
+        rec = visible(request, m.store.by_id(sid))
     if rec is not None and rec.status == SUSPENDING:
         raise ApiError(409, "SANDBOX_SUSPENDING", f"sandbox {sid} is being suspended")
     if rec is not None and rec.status == SUSPENDED:
@@ -234,7 +265,9 @@ async def unsupported_routes(request: web.Request, handler: Any) -> web.StreamRe
     a call this host does not implement must not look like a lost sandbox.
     """
     exc = request.match_info.http_exception
-    if isinstance(exc, web.HTTPNotFound) and request.path.startswith("/v1/"):
+    # /platform/: the SDK's image and template builds, which this host does not serve.
+    lifecycle_path = request.path.startswith(("/v1/", "/platform/", *domain.FLAT_PREFIXES))
+    if isinstance(exc, web.HTTPNotFound) and lifecycle_path:
         raise ApiError(
             501,
             "ROUTE_UNSUPPORTED",
@@ -245,23 +278,43 @@ async def unsupported_routes(request: web.Request, handler: Any) -> web.StreamRe
 
 
 def create_app(
-    manager: Manager, token: str | None = None, limits: Limits | None = None
+    manager: Manager,
+    token: str | None = None,
+    limits: Limits | None = None,
+    public_url: domain.PublicUrl | None = None,
+    fleet: Any = None,  # issue 19: fleet.front.Front when clustered (docs/fleet.md)
 ) -> web.Application:
-    """``limits``: connection and body bounds (default: ``Limits.from_env()``)."""
+    """``limits``: connection and body bounds (default: ``Limits.from_env()``).
+
+    ``token``: the admin key (every namespace); namespace keys come from the
+    state dir (apikeys.py). ``public_url``: domain mode (domain.py), where a
+    key is always required.
+    """
     limits = limits or Limits.from_env()
+    authority = Authority(token, KeyFile(manager.state_dir), always_required=public_url is not None)
     middlewares = [
         # Outermost: a web page's request is refused before anything looks at it.
-        # An exposed port's app decides about its own clients' origins.
-        cross_site_guard(token, origin_exempt=ingress.is_exposed_port_request),
-        # Exposed ports (Host: <port>-<id>.…) next: they check the token themselves.
-        ingress.middleware(manager, token),
-        *([bearer_auth(token)] if token else []),
+        # An exposed port's app decides about its own clients' origins. Domain
+        # mode always has auth, so it serves its public names as with a token.
+        cross_site_guard(
+            token or ("keys" if public_url else None),
+            origin_exempt=ingress.is_exposed_port_request,
+        ),
+        # Exposed ports (Host: <port>-<id>.…) next: they check the key themselves.
+        *([fleet.ports] if fleet else []),  # issue 19: another node's exposed port
+        ingress.middleware(manager, authority),
+        console.ws_credentials,  # the console's websocket: key and sandbox id as subprotocols
+        grant_auth(authority.resolve, authority.required, exempt=console.is_asset),
         errors_middleware(),
         unsupported_routes,
+        namespace_scope,  # a namespace's key reaches its namespace only (routing.py)
+        *([fleet.api] if fleet else []),  # issue 19: the fleet's sandboxes (fleet/front.py)
     ]
     app = web.Application(middlewares=middlewares, client_max_size=limits.max_json_body)
     app[LIMITS] = limits
     app[MANAGER] = manager
+    app[PUBLIC_URL] = public_url
+    app[AUTHORITY] = authority
     app.router.add_post(PREFIX, create)
     app.router.add_get(PREFIX, list_)
     app.router.add_get(PREFIX + "/{id}", get)
@@ -271,10 +324,14 @@ def create_app(
     app.router.add_post(PREFIX + "/{id}/resume", resume)
     app.router.add_get(PREFIX + "/{id}/logs", get_logs)
     app.router.add_get(PREFIX + "/{id}/processes", list_log_processes)
+    app.router.add_get(PREFIX + "/{id}/usage", usage.handler)  # issue 18: usage.py
     app.router.add_get(ARCHIVED, list_archived)
     app.router.add_get(ARCHIVED + "/{id}", get_archived)
     app.router.add_route("*", "/api/v1/{tail:.*}", sandbox_proxy)
     lifecycle.add_routes(app)  # snapshots, copies and pools
+    volroutes.add_routes(app)  # attach/detach file systems, volumes (volumes.py)
+    domain.add_flat_routes(app)  # the same routes at the SDK's paths for api.<domain>
+    console.add_routes(app)  # GET /console/: the web console's static files (docs/console.md)
     # GET /health and /metrics, behind the token like every route, and the
     # request log with trace ids (outermost middleware).
     observe.install(app, manager.observe)

@@ -24,8 +24,8 @@ epoll) or a connection to outside the sandbox, and a refused save ends the
 Sentry. So the host closes its own connections to the daemon first
 (client-first, so the daemon's side ends closed, not in TIME_WAIT), the daemon
 runs its event loop on poll(2) (``gvisor.BOOT_POLL``), and the sandbox's
-``/proc/net/tcp`` is read before a save: with a server listening or a
-connection out, none is tried (:func:`unsavable`).
+sockets are listed before a save (``/api/v1/sockets``): with a socket held by
+a process on epoll, or a connection out, none is tried (:func:`unsavable`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import gvisor, runtime, states
+from . import gvisor, proxy, runtime, states
 from .model import ApiError, Record
 from .states import Event
 
@@ -61,6 +61,8 @@ META = "meta.json"
 # After the host closed its connections to the daemon: time for the daemon's
 # side (under ptrace, slow) to see the close and finish it, before runsc saves.
 SETTLE_S = 0.5
+# How long the host waits for the daemon to close its side of the host's connections.
+QUIESCE_S = 5.0
 # How long a saved sandbox's processes get to leave its cgroup (they exit at once).
 EXIT_WAIT_S = 10.0
 # What cgroup v2's memory.reclaim is asked to push out once the processes are gone.
@@ -186,63 +188,151 @@ async def _restore_in_place(m: Manager, sandbox_id: str, image_dir: Path) -> Non
     await m.gvisor.wait_ready(m.sessions.get(sandbox_id), layout, proc, m.startup_timeout_s)
 
 
-# /proc/net/tcp states (hex).
-_TCP_ESTABLISHED, _TCP_LISTEN = "01", "0A"
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
 
 
-def unsavable(proc_net_tcp: str, daemon_port: int = gvisor.DAEMON_PORT) -> list[str]:
-    """TCP sockets runsc 20221219 would refuse to save, from the sandbox's ``/proc/net/tcp``.
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0]
+    return host.startswith("127.") or host in ("[0000:0000:0000:0000:0000:0000:0000:0001]",)
 
-    A refused save kills the sandbox in this release (its Sentry exits either
-    way), so these are looked for first: a listening socket but the daemon's
-    (a server's is usually watched by epoll: "still has waiters"), and a
-    connection to anywhere but the sandbox's own loopback ("connected state").
-    Connections inside the sandbox are saved.
+
+def unsavable(sockets: list[dict[str, Any]]) -> list[str]:
+    """What runsc 20221219 would refuse to save, from the daemon's ``/api/v1/sockets``.
+
+    A refused save ends the sandbox in this release (its Sentry exits either
+    way), so these are looked for first:
+
+    * a TCP socket held by a process that has an epoll instance: runsc
+      refuses an endpoint with a waiter ("still has waiters upon save"), and
+      which sockets an epoll set watches is not visible, so any epoll counts
+      (servers on poll or select, like Python's ``http.server``, are saved,
+      listening sockets included);
+    * a connection to anywhere but the sandbox's own loopback ("connected
+      state"). The host's connections to the daemon are left out: the host
+      closes them all before the save (:func:`_stop_talking`), SSH sessions
+      and exposed ports in use included (their clients see the connection end).
+
+    Connections inside the sandbox, on poll, are saved.
     """
     out = []
-    for line in proc_net_tcp.splitlines()[1:]:
-        words = line.split()
-        if len(words) < 4 or ":" not in words[1] or ":" not in words[2]:
-            continue
-        local, remote, st = words[1], words[2], words[3].upper()
-        port = int(local.split(":")[1], 16)
-        # Little-endian hex: 127.x.y.z ends in 7F.
-        loopback = remote.split(":")[0].upper().endswith("7F")
-        if st == _TCP_LISTEN and port != daemon_port:
-            out.append(f"a server listening on port {port}")
-        elif st == _TCP_ESTABLISHED and not loopback and port != daemon_port:
+    for s in sockets:
+        state = str(s.get("state", ""))
+        if state not in ("listen", "established"):
+            continue  # closing or closed: nothing runsc refuses (as measured)
+        local, remote = str(s.get("local", ":0")), str(s.get("remote", ":0"))
+        port = _port(local)
+        watched = any(h.get("epoll") for h in s.get("holders") or [])
+        if state == "listen":
+            if watched:
+                out.append(f"a server listening on port {port} (on epoll)")
+        elif port == gvisor.DAEMON_PORT:
+            continue  # the host's: closed before the save
+        elif not _loopback(remote):
             out.append(f"a connection from port {port} to outside the sandbox")
+        elif watched:
+            out.append(f"a connection on port {port} watched by epoll")
     return out
+
+
+async def _sockets(m: Manager, sandbox_id: str) -> list[dict[str, Any]]:
+    """The daemon's ``/api/v1/sockets`` listing; :class:`gvisor.CheckpointError` if it has none."""
+    try:
+        async with m.sessions.get(sandbox_id).get(
+            "http://sandbox/api/v1/sockets", timeout=aiohttp.ClientTimeout(total=30)
+        ) as r:
+            if r.status != 200:
+                raise gvisor.CheckpointError(
+                    f"the sandbox's daemon did not list its sockets ({r.status}): a save "
+                    "that runsc might refuse would end the sandbox, so none was tried"
+                )
+            listing = (await proxy.daemon_json(r))["sockets"]
+        if not isinstance(listing, list) or not all(isinstance(x, dict) for x in listing):
+            raise ValueError("not a list of sockets")
+        for x in listing:
+            _port(str(x.get("local", ":0")))
+        return listing
+    except (TimeoutError, aiohttp.ClientError, OSError, LookupError, TypeError, ValueError) as exc:
+        # A daemon that answers nonsense (its sandbox's root may have replaced
+        # it) gets no save: never an error that leaves the sandbox half-way.
+        raise gvisor.CheckpointError(
+            f"the sandbox's daemon did not list its sockets ({exc}); none was tried"
+        ) from exc
 
 
 async def _check_savable(m: Manager, sandbox_id: str) -> None:
     """Raise :class:`gvisor.CheckpointError` (the sandbox untouched) if runsc would refuse."""
+    listing = await _sockets(m, sandbox_id)
     try:
-        async with m.sessions.get(sandbox_id).get(
-            "http://sandbox/api/v1/files",
-            params={"path": "/proc/net/tcp"},
-            timeout=aiohttp.ClientTimeout(total=30),
-        ) as r:
-            if r.status != 200:
-                return  # not known: runsc decides
-            table = await r.text()
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return
-    found = unsavable(table)
+        found = unsavable(listing)
+    except (LookupError, TypeError, ValueError, AttributeError) as exc:
+        raise gvisor.CheckpointError(f"the sandbox's socket list is malformed ({exc})") from exc
     if found:
         raise gvisor.CheckpointError(
             "runsc (gVisor 20221219) cannot save this sandbox's processes while it has "
             + ", ".join(sorted(set(found)))
-            + " (a TCP socket watched by epoll, or connected outside the sandbox); a failed "
-            "save would end the sandbox, so none was tried: stop it, or take a filesystem "
-            "snapshot"
+            + "; a failed save would end the sandbox, so none was tried: stop it, "
+            "or take a filesystem snapshot"
         )
 
 
 async def _stop_talking(m: Manager, sandbox_id: str) -> None:
-    """Close the host's connections to the daemon (client-first) and let them end."""
+    """Close the host's connections to the daemon (client-first) and see them end.
+
+    A connection runsc finds open at the save ends the sandbox, and the
+    daemon's side of a long-lived one (a terminal, a tunnel, a follow) can
+    take longer than a moment to close under load. So: close, then look
+    (a fresh request lists the sandbox's sockets), and close again until the
+    only connection to the daemon left is the looking one, or give up with
+    :class:`gvisor.CheckpointError` (nothing saved, the sandbox untouched).
+    The last look's own connection is then seen closed from inside the
+    sandbox, without a connection (:meth:`gvisor.Gvisor.tcp_table`).
+    """
+    deadline = time.monotonic() + QUIESCE_S
+    while True:
+        await m.sessions.drop(sandbox_id)
+        await asyncio.sleep(SETTLE_S)
+        listing = await _sockets(m, sandbox_id)
+        open_ = [
+            s
+            for s in listing
+            if str(s.get("state")) not in ("listen", "time_wait", "close")
+            and _port(str(s.get("local", ":0"))) == gvisor.DAEMON_PORT
+        ]
+        if len(open_) <= 1:  # the listing's own
+            break
+        if time.monotonic() > deadline:
+            raise gvisor.CheckpointError(
+                f"{len(open_) - 1} connection(s) of the host to the sandbox's daemon did not "
+                f"close within {QUIESCE_S:g} s (a terminal, tunnel or SSH session in use); "
+                "nothing was saved: try again"
+            )
     await m.sessions.drop(sandbox_id)
     await asyncio.sleep(SETTLE_S)
+    # The listing's own connection, seen closed from inside (runsc exec, no TCP).
+    deadline = max(deadline, time.monotonic() + 2.0)
+    while True:
+        table = await m.gvisor.tcp_table(sandbox_id)
+        if table is None or not _daemon_connections(table):
+            return
+        if time.monotonic() > deadline:
+            raise gvisor.CheckpointError(
+                f"a connection of the host to the sandbox's daemon did not close within "
+                f"{QUIESCE_S:g} s; nothing was saved: try again"
+            )
+        await asyncio.sleep(0.1)
+
+
+def _daemon_connections(proc_net_tcp: str) -> int:
+    """Sockets of the daemon's port in ``/proc/net/tcp`` neither listening nor closed."""
+    from ..api.sockets import parse_proc_net_tcp
+
+    return sum(
+        1
+        for s in parse_proc_net_tcp(proc_net_tcp, "tcp")
+        if s.state not in ("listen", "time_wait", "close")
+        and _port(s.local) == gvisor.DAEMON_PORT
+    )
 
 
 # -- memory snapshot -----------------------------------------------------------------
@@ -381,12 +471,12 @@ async def suspend(m: Manager, rec: Record) -> Record:
     shutil.rmtree(image, ignore_errors=True)
     try:
         await _check_savable(m, sid)
+        await _stop_talking(m, sid)
     except gvisor.CheckpointError as exc:
         cur = states.try_advance(m.store, sid, Event.CHECKPOINT_FAILED)
         if cur is not None:
             m._arm_timer(cur)
         raise ApiError(409, "SUSPEND_FAILED", f"sandbox {sid}: {exc}") from exc
-    await _stop_talking(m, sid)
     try:
         await m.gvisor.checkpoint(sid, image)
     except (TimeoutError, gvisor.CheckpointError) as exc:

@@ -48,6 +48,7 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -323,9 +324,16 @@ class Address:
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     if host == "127.0.0.1":
-        return network.connect_local(port, timeout)
-    sock = socket.create_connection((host, port), timeout)
-    sock.setblocking(False)
+        sock = network.connect_local(port, timeout)
+    else:
+        sock = socket.create_connection((host, port), timeout)
+        sock.setblocking(False)
+    # Closed by a reset, never a FIN exchange: a websocket's close handshake has
+    # the daemon close first, which leaves its end in TIME_WAIT inside the
+    # Sentry for a minute, and runsc 20221219 refuses to save (and so loses) a
+    # sandbox with any such endpoint. A reset ends both ends at once. The host
+    # closes a connection only once it has read what it wanted from it.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return sock
 
 
@@ -661,6 +669,18 @@ class Gvisor:
             log.warning("runsc %s of %s failed (status %d): %s", args[0], sandbox_id, code, out)
             raise CheckpointError(f"runsc {args[0]}: {_why(out) if out else f'status {code}'}")
         return out
+
+    async def tcp_table(self, sandbox_id: str) -> str | None:
+        """The Sentry's ``/proc/net/tcp``, read by a process runsc starts in the sandbox.
+
+        Not over the network: a connection of the host's would be one more
+        connection in the table (and one more a save refuses). None if it
+        cannot be read (no ``cat`` in the image, runsc failed).
+        """
+        try:
+            return await self._runsc(sandbox_id, "exec", sandbox_id, "cat", "/proc/net/tcp")
+        except (CheckpointError, OSError, TimeoutError):
+            return None
 
     async def checkpoint(self, sandbox_id: str, image_dir: Path) -> None:
         """Save the sandbox's memory and processes into ``image_dir``; the container stops.

@@ -42,8 +42,14 @@ def _pid_ns(pid: int | str) -> str | None:
 
 
 def exited(pidfd: int) -> bool:
-    """Whether the process of ``pidfd`` has exited (its pidfd reads as ready)."""
-    return bool(select.select([pidfd], [], [], 0)[0])
+    """Whether the process of ``pidfd`` has exited (its pidfd reads as ready).
+
+    poll, not select: a host holding a few hundred sandboxes has descriptors
+    numbered past select()'s 1024.
+    """
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def open_launcher(cgroup: SandboxCgroup) -> int | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import capacity, pools, snapshots
+from . import capacity, pools, snapshots, volroutes
 from .model import ApiError, check_namespace, parse_create
 from .routing import (
     MANAGER,
@@ -198,8 +198,15 @@ async def delete_pool(request: web.Request) -> web.StreamResponse:
 
 async def claim(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
-    rec = m.pools.begin_claim(_ns(request), request.match_info["pool"], await body_of(request))
-    return await answer_started(request, m, rec, m.start_in_background(rec))
+    body = await body_of(request)
+    # file_systems: volumes mounted by the claim's start (volumes.py, volroutes.py).
+    mounts = volroutes.claim_mounts(m, _ns(request), body)
+    rec = m.pools.begin_claim(_ns(request), request.match_info["pool"], body)
+    if mounts:
+        rec.file_systems = mounts
+        m.store.put(rec)
+    resp = await answer_started(request, m, rec, m.start_in_background(rec))
+    return volroutes.claim_applied(resp) if mounts else resp
 
 
 def add_routes(app: web.Application) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from . import proxy
 from .model import FAILED, RUNNING, TERMINATED, Record, bad
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ INFO, ERROR = LEVELS["info"], LEVELS["error"]
 DEFAULT_PAGE = 100
 MAX_PAGE = 10_000
 CAPTURE_TIMEOUT_S = 2.0
+# One reply of the daemon: a process's retained output (16 MiB) as JSON lines,
+# escapes included, fits; a daemon answering more is not believed.
+LOG_REPLY_LIMIT = 128 << 20
 MAX_CAPTURED_PROCESSES = 256
 
 
@@ -62,7 +66,8 @@ async def _get_json(session: aiohttp.ClientSession, path: str) -> Any:
     ) as r:
         if r.status != 200:
             return None
-        return await r.json()
+        # The daemon keeps at most its output cap per process; beyond this, something lies.
+        return await proxy.daemon_json(r, limit=LOG_REPLY_LIMIT)
 
 
 async def from_daemon(session: aiohttp.ClientSession) -> list[dict[str, Any]]:

@@ -40,7 +40,9 @@ from . import (
     network,
     runtime,
     states,
+    usage,
     warmpath,
+    zygote,
 )
 from .catalog import Catalog
 from .cgroup import Hierarchies, host_tag
@@ -65,8 +67,11 @@ from .proxy import Sessions
 from .snapshots import Snapshots
 from .states import Event
 from .store import NameTaken, Store
+from .volumes import Volumes
 
 log = logging.getLogger("sandboxd.host")
+# How long a spare's start waits for the creates in flight to be done.
+SPARE_YIELD_S = 2.0
 T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 30.0
@@ -118,6 +123,11 @@ class Manager:
         self.warm = warm
         self._spares: list[str] = []
         self._filling = 0
+        # Creates being started: spares (and pools' warm ones) wait for none to be
+        # (up to SPARE_YIELD_S), so a refill does not slow the creates that wait.
+        self._creating = 0
+        self._no_creates = asyncio.Event()
+        self._no_creates.set()
         self._claimed: set[str] = set()
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / "sandboxes").mkdir(exist_ok=True)
@@ -131,6 +141,10 @@ class Manager:
         self.tag = host_tag(state_dir)
         self.cgroups = Hierarchies.detect(self.tag)
         self.daemon = runtime.DaemonRuntime.detect(self.tag)
+        # Forks pre-imported daemons into new sandboxes (zygote.py); bwrap sandboxes only.
+        self.zygotes = zygote.Zygotes(
+            self.daemon.zygote_argv, on=None if sandbox_runtime == "bwrap" else False
+        )
         # Per-sandbox netns, veth and nft policy (network.py); None: loopback only.
         self.net = network.Network(self.tag, net)
         # disk_mb needs mkfs.ext4 (e2fsprogs); without it the dirs are plain.
@@ -153,8 +167,13 @@ class Manager:
         self.catalog = Catalog(state_dir / "catalog.db")
         self.snapshots = Snapshots(self, self.catalog)
         self.pools = Pools(self, self.catalog)
+        # Named volumes under state_dir/volumes, mounted live into sandboxes (volumes.py).
+        self.volumes = Volumes(self)
         # /metrics, /health and the event lines (observe.py).
         self.observe = HostObserver(self)
+        # Per-sandbox usage (usage.py): sampled by one task from recover(), in /metrics too.
+        self.usage = usage.Usage(self)
+        self.observe.registry.register(self.usage)
 
     def layout(self, sandbox_id: str) -> runtime.Layout:
         return runtime.Layout(self.state_dir, sandbox_id)
@@ -163,6 +182,9 @@ class Manager:
 
     async def recover(self) -> None:
         await asyncio.to_thread(self.daemon.mount)
+        default = self.images.get(DEFAULT_IMAGE)
+        if default is not None:
+            self.zygotes.warm(default)  # its imports overlap the rest of the start
         # A snapshot cut short: fail its record, thaw its sandbox (status running again).
         self.snapshots.recover()
         await self.net.start()  # finds this host's veths, so a lost sandbox's go too
@@ -208,6 +230,7 @@ class Manager:
         await self.net.sweep({r.id: r.network for r in self.store.all() if r.live})
         await self.gvisor.sweep(keep)
         self.fill_spares()
+        self.usage.start()
 
     async def close(self) -> None:
         """The host stops; the sandboxes keep running (see the module doc), spares do not."""
@@ -223,6 +246,7 @@ class Manager:
             await self._teardown(sid)
         await self.net.close()
         await self.sessions.close()
+        self.zygotes.close()
         await asyncio.to_thread(self.daemon.unmount)
         # The base dirs go too, unless a sandbox still running has its cgroup there.
         await asyncio.to_thread(self.cgroups.remove_empty_bases)
@@ -234,6 +258,8 @@ class Manager:
     def begin_create(self, namespace: str, spec: CreateSpec) -> Record:
         """Record the sandbox as pending (raises NameTaken); the start runs after."""
         rec = Record.new(namespace, spec, time.time())
+        if spec.snapshot_id is not None and not rec.labels:
+            rec.labels = self._source_labels(spec.snapshot_id)
         if spec.name is not None and self.store.name_taken(namespace, spec.name):
             raise NameTaken(spec.name)
         if self.images.get(spec.image) is None:
@@ -251,6 +277,12 @@ class Manager:
             self._claimed.add(rec.id)
         self.store.put(rec)
         return rec
+
+    def _source_labels(self, snapshot_id: str) -> dict[str, str]:
+        """A restore (and a copy) without labels of its own keeps its source sandbox's."""
+        snap = self.snapshots.table.get(snapshot_id)
+        source = self.store.by_id(snap.sandbox_id) if snap is not None else None
+        return dict(source.labels) if source is not None else {}
 
     # -- spares ---------------------------------------------------------------
 
@@ -282,6 +314,8 @@ class Manager:
         ``_claim`` its limits.
         """
         sid = new_id()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_creates.wait(), SPARE_YIELD_S)
         try:
             await self._launch(sid, memory_mb, cpus, disk_mb, image)
         except asyncio.CancelledError:
@@ -312,18 +346,27 @@ class Manager:
         if cgroup is not None:
             cgroup.create(memory_mb + runtime.DAEMON_RESERVE_MB, cpus, runtime.PIDS_LIMIT)
         # Its netns, veth and nft chain with ``policy`` (None: the default, as for a spare).
-        netns = await self.net.setup(sid, policy)
         gv = self.runtime == "gvisor"
         if gv:
+            netns = await self.net.setup(sid, policy)
             proc = await self.gvisor.launch(
                 layout, cgroup, sid, img, self.daemon, disk_mb if self.disks else None,
                 netns=netns, seed=seed,
             )  # fmt: skip
         else:
-            proc = await runtime.launch(
-                layout, cgroup, sid, img, self.daemon, disk_mb if self.disks else None,
-                netns=netns, seed=seed, nested_userns=self.nested_userns,
-            )  # fmt: skip
+            # Set up while the launch makes the disk and overlay (it awaits it before bwrap).
+            net_setup = asyncio.ensure_future(self.net.setup(sid, policy))
+            try:
+                proc = await runtime.launch(
+                    layout, cgroup, sid, img, self.daemon, disk_mb if self.disks else None,
+                    netns=net_setup, seed=seed, nested_userns=self.nested_userns,
+                    zygote=await self.zygotes.get(img),
+                )  # fmt: skip
+            except BaseException:
+                # Settled before the teardown removes what it made.
+                await asyncio.gather(net_setup, return_exceptions=True)
+                raise
+            netns = net_setup.result()
         self._procs[sid] = proc
         # Reap bwrap whenever it ends, so no zombie outlives the sandbox.
         self.own(proc.wait())
@@ -429,6 +472,8 @@ class Manager:
         t0 = time.monotonic()
         path = create_path(rec, rec.id in self._claimed)
         self.observe.created(rec, path)
+        self._creating += 1
+        self._no_creates.clear()
         try:
             claimed = rec.id in self._claimed and await self._claim(rec)
             self._claimed.discard(rec.id)
@@ -445,6 +490,8 @@ class Manager:
                     seed=seed,
                     policy=(self.store.by_id(rec.id) or rec).network,
                 )
+            if rec.file_systems:  # mounted before the entrypoint runs (volumes.py)
+                await self.volumes.mount_all(rec)
             if not (claimed and rec.pool_id is not None):  # a pool's warm one runs it already
                 await entrypoint.run_on(self, rec.id)
         except Exception as exc:
@@ -458,6 +505,9 @@ class Manager:
             self.observe.create_done(path, "failed", time.monotonic() - t0)
             return
         finally:
+            self._creating -= 1
+            if self._creating == 0:
+                self._no_creates.set()
             self.fill_spares()
         self.last_startup_s = time.monotonic() - t0
         cur = states.try_advance(self.store, rec.id, Event.STARTED)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..edge.errors import ApiError  # the shared edge's; imported from here too
-from . import registry, states
+from . import labels as _labels
+from . import registry, states, volspec
 from .network import PolicyError, normalize_policy
 from .states import Status
 
@@ -93,6 +94,7 @@ _CREATE_KEYS = frozenset(
         "max_pending_secs",
         "secret_names",
         "template_id",
+        "labels",  # issue 18: user labels (labels.py); the SDK sends none
     }
 )
 
@@ -130,6 +132,9 @@ class CreateSpec:
     snapshot_id: str | None = None  # a restore: the rw dir comes from this snapshot
     # The image name as the request gave it (an alias such as "python" reads back as such).
     image_asked: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # labels.py
+    # Volumes to mount (volspec.py, volumes.py): [{file_system_id, mount_path, read_only}].
+    file_systems: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _int(value: Any, key: str, lo: int, hi: int) -> int:
@@ -165,7 +170,6 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         raise bad("UNKNOWN_FIELD", f"unknown field(s): {', '.join(unknown)}")
     # Features this host does not have are refused, never silently ignored.
     for key, code in (
-        ("file_systems", "FILE_SYSTEMS_UNSUPPORTED"),
         ("template_id", "TEMPLATES_UNSUPPORTED"),
         ("secret_names", "SECRETS_UNSUPPORTED"),
     ):
@@ -228,6 +232,8 @@ def parse_create(body: Any, host_cpus: int | None = None) -> CreateSpec:
         auto_resume=auto_resume,
         snapshot_id=snapshot_id,
         image_asked=asked if isinstance(asked, str) else None,
+        file_systems=volspec.parse_mounts(body.get("file_systems")),
+        labels=_labels.check_labels(body.get("labels")),
     )
 
 
@@ -267,6 +273,9 @@ class Record:
     entrypoint: list[str] | None = None
     entrypoint_pid: int | None = None
     entrypoint_error: str | None = None
+    # Volumes mounted (volumes.py): [{file_system_id, mount_path, read_only}].
+    file_systems: list[dict[str, Any]] | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # user labels (labels.py)
 
     @classmethod
     def new(cls, namespace: str, spec: CreateSpec, now: float) -> Record:
@@ -288,6 +297,8 @@ class Record:
             snapshot_id=spec.snapshot_id,
             image_asked=spec.image_asked,
             entrypoint=list(spec.entrypoint) if spec.entrypoint else None,
+            file_systems=[dict(f) for f in spec.file_systems] or None,
+            labels=dict(spec.labels),
         )
 
     @property
@@ -334,6 +345,7 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
         "exposed_ports": rec.exposed_ports,
         "runtime": "bubblewrap",
         "auto_resume": rec.auto_resume,
+        "labels": rec.labels,  # the SDK's models drop it; our list filters on it
     }
     if rec.name is not None:
         out["name"] = rec.name
@@ -343,6 +355,7 @@ def info(rec: Record, sandbox_url: str) -> dict[str, Any]:
         out["network_policy"] = rec.network
     if rec.pool_id is not None:
         out["pool_id"] = rec.pool_id
+    out["file_systems"] = volspec.wire(rec.file_systems)
     if rec.resource_resize is not None:
         out["resource_resize"] = rec.resource_resize
     # Suspended too: the SDK's connect/get_or_create need it, and a request
@@ -393,6 +406,8 @@ def parse_update(body: Any) -> dict[str, Any]:
         elif key == "network":
             # An object replaces the policy, null clears it (back to the default).
             changes[key] = check_network(value)
+        elif key == "labels":  # replaces them all; {} or null clears them
+            changes[key] = _labels.check_labels(value)
         else:
             raise bad("UNKNOWN_FIELD", f"unknown field {key!r}")
     return changes

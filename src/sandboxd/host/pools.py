@@ -22,6 +22,7 @@ themselves are in ``<state-dir>/catalog.db`` and survive restarts.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import secrets
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from . import entrypoint
 from .catalog import Catalog
 from .entrypoint import Started
+from .labels import MAX_LABELS, check_labels
 from .model import ApiError, CreateSpec, Record, bad, parse_create
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ _KEYS = frozenset(
         "max_containers",
         "warm_containers",
         "network",
+        "labels",  # issue 18: given to every sandbox claimed from the pool
     }
 )
 
@@ -75,13 +78,19 @@ class Pool:
     # Run by each warm sandbox as soon as it is up (entrypoint.py), before any claim.
     entrypoint: list[str] | None = None
     image_asked: str | None = None  # the image name as given (info reads it back)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)  # labels.py
 
     def shape(self) -> tuple[str, float, int, int, tuple[str, ...]]:
         return (self.image, self.cpus, self.memory_mb, self.disk_mb, tuple(self.entrypoint or ()))
 
 
+# A fleet's pool has one id on every node it spans: the node's fleet front sets
+# it for the create it forwards (fleet/pools.py). Unset on a lone host.
+GIVEN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("pool_id", default=None)
+
+
 def new_pool_id() -> str:
-    return "pool-" + secrets.token_hex(8)
+    return GIVEN_ID.get() or "pool-" + secrets.token_hex(8)
 
 
 def parse_pool(body: Any, host_cpus: int | None = None) -> dict[str, Any]:
@@ -116,6 +125,7 @@ def parse_pool(body: Any, host_cpus: int | None = None) -> dict[str, Any]:
         "image_asked": spec.image_asked,
         "warm_containers": warm,
         "max_containers": max_c,
+        "labels": check_labels(body.get("labels")),
     }
 
 
@@ -155,6 +165,7 @@ class Pools:
             "warm_containers": p.warm_containers,
             "created_at": p.created_at,
             "updated_at": p.updated_at,
+            "labels": p.labels,
         }
         if p.max_containers is not None:
             out["max_containers"] = p.max_containers
@@ -229,9 +240,14 @@ class Pools:
         if isinstance(body, dict) and body.get("file_systems"):
             raise bad("FILE_SYSTEMS_UNSUPPORTED", "file_systems is not supported by this host")
         if body not in ({}, None) and not (
-            isinstance(body, dict) and set(body) <= {"file_systems"}
+            isinstance(body, dict) and set(body) <= {"file_systems", "labels"}
         ):
-            raise bad("INVALID_BODY", "a claim's body may only carry file_systems")
+            raise bad("INVALID_BODY", "a claim's body may only carry file_systems and labels")
+        # The claimed sandbox has the pool's labels, and the claim's over them.
+        extra = check_labels(body.get("labels")) if isinstance(body, dict) else {}
+        labels = {**p.labels, **extra}
+        if len(labels) > MAX_LABELS:
+            raise bad("TOO_MANY_LABELS", f"the pool's and the claim's labels exceed {MAX_LABELS}")
         if p.max_containers is not None and len(self.claimed(p.id)) >= p.max_containers:
             raise ApiError(
                 429,
@@ -248,6 +264,7 @@ class Pools:
             network=p.network,
             entrypoint=p.entrypoint,
             image_asked=p.image_asked,
+            labels=labels,
         )
         rec = Record.new(namespace, spec, time.time())
         rec.pool_id = p.id

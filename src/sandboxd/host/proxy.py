@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import socket
 import stat
@@ -54,6 +55,9 @@ WS_HANDSHAKE = frozenset(
     }
 )
 LOCAL_SUFFIX = ".local"
+# Request key: subprotocols the host answers for itself when the sandbox selects
+# none (the console's, which carries its credentials: console/wscarriage.py).
+HOST_WS_PROTOCOLS: web.RequestKey[tuple[str, ...]] = web.RequestKey("host_ws_protocols", tuple)
 
 
 def sandbox_id_of(request: web.Request) -> str | None:
@@ -143,6 +147,20 @@ class Sessions:
             await self.drop(sid)
 
 
+DAEMON_JSON_LIMIT = 1 << 20
+
+
+async def daemon_json(resp: aiohttp.ClientResponse, limit: int = DAEMON_JSON_LIMIT) -> Any:
+    """A sandbox daemon's JSON reply, read with a cap: the daemon is the sandbox's
+    (its root can replace it), so its reply size is not the host's to trust."""
+    body = bytearray()
+    while chunk := await resp.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"the sandbox's daemon answered more than {limit} bytes")
+    return json.loads(body)
+
+
 def _unreachable(exc: Exception) -> web.Response:
     return error_response(502, "SANDBOX_UNREACHABLE", f"the sandbox's daemon is unreachable: {exc}")
 
@@ -206,7 +224,7 @@ async def forward_ws(
     except (aiohttp.ClientError, OSError) as exc:
         return _unreachable(exc)
     client = web.WebSocketResponse(
-        protocols=[upstream.protocol] if upstream.protocol else (),
+        protocols=[upstream.protocol] if upstream.protocol else request.get(HOST_WS_PROTOCOLS, ()),
         max_msg_size=MAX_WS_MESSAGE,
         autoping=True,
     )

@@ -13,10 +13,14 @@ from typing import Any
 from aiohttp import web
 
 from ..edge import read_json
+from ..edge.auth import grant_of
+from .domain import DEFAULT_NAMESPACE, FLAT_ROUTES, PublicUrl
 from .manager import Manager
 from .model import FAILED, RUNNING, ApiError, check_namespace, ingress_endpoint
 
 MANAGER: web.AppKey[Manager] = web.AppKey("manager", Manager)
+# Domain mode (domain.py): None in localhost mode.
+PUBLIC_URL: web.AppKey[PublicUrl | None] = web.AppKey("public_url", object)  # type: ignore[arg-type]
 PREFIX = "/v1/namespaces/{ns}/sandboxes"
 # The SDK's blocking create sends how long it waits and a grace to answer in.
 TIMEOUT_HEADER = "x-tensorlake-request-timeout-ms"
@@ -30,10 +34,63 @@ async def body_of(request: web.Request) -> Any:
 
 
 def sandbox_url(request: web.Request) -> str:
-    """The proxy as the SDK must see it: on 127.0.0.1, the port this request came in on."""
+    """The proxy as the SDK must see it.
+
+    A request sent to the public domain (domain mode) gets the public sandbox
+    URL; any other, as in localhost mode, 127.0.0.1 and the port it came in on
+    (``https`` when the listener has TLS).
+    """
+    public = request.app.get(PUBLIC_URL)
+    if public is not None and public.serves(request.headers.get("Host", "")):
+        return public.sandbox_url
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     port = sock[1] if isinstance(sock, tuple) and len(sock) >= 2 else 0
-    return f"http://127.0.0.1:{port}"
+    return f"{request.scheme}://127.0.0.1:{port}"
+
+
+def visible(request: web.Request, rec: Any) -> Any:
+    """``rec`` if the request's key may see it, else None (it then answers 404)."""
+    return rec if rec is not None and grant_of(request).sees(rec.namespace) else None
+
+
+# Routes that name no namespace and that a namespace's key may still use: the
+# proxy checks the sandbox's namespace itself; /health says only "ready".
+OPEN_TO_NAMESPACE_KEYS = ("/api/v1/", "/health", "/console")
+
+
+@web.middleware
+async def namespace_scope(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A key of one namespace reaches only that namespace.
+
+    * A flat route (domain mode) gets the key's namespace (the admin's: ``default``);
+      so does ``/v1/namespaces/default/...`` for a namespace's key.
+    * ``/v1/namespaces/{ns}/...`` of another namespace: 404, as for an id that
+      does not exist (no answer tells a key what other namespaces hold).
+    * Anything else that names no namespace (``/metrics``): the admin's only.
+    """
+    grant = grant_of(request)
+    info = request.match_info
+    resource = info.route.resource if info.http_exception is None else None
+    canonical = resource.canonical if resource is not None else ""
+    if canonical in request.app.get(FLAT_ROUTES, frozenset()):
+        info["ns"] = grant.namespace or DEFAULT_NAMESPACE
+    ns = info.get("ns")
+    if ns == DEFAULT_NAMESPACE and grant.namespace is not None:
+        # The SDK puts INDEXIFY_NAMESPACE (default "default") in its log paths
+        # even in domain mode: for a key that has one namespace, that is it.
+        ns = info["ns"] = grant.namespace
+    if ns is not None:
+        if not grant.sees(ns):
+            raise ApiError(404, "NAMESPACE_NOT_FOUND", f"no namespace {ns!r} for this key")
+    elif (
+        not grant.admin
+        and info.http_exception is None
+        and not request.path.startswith(OPEN_TO_NAMESPACE_KEYS)
+    ):
+        raise ApiError(
+            403, "ADMIN_ONLY", f"{request.path} needs the host's admin token, not a namespace key"
+        )
+    return await handler(request)
 
 
 def find(request: web.Request) -> tuple[Manager, Any]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import platform
 import resource
@@ -56,15 +57,22 @@ import sysconfig
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
+from .. import zygote_child
 from ..edge.connections import STARTED_WITH_NOFILE
 from . import cgroup as cg
 from . import disk, mounts, seccomp
 from .images import UID_COUNT, Image
+from .zygote import Zygote
+
+_log = logging.getLogger("sandboxd.host.runtime")
+T = TypeVar("T")
 
 SOCKET_NAME = "d.sock"
 INNER_RT = "/run/sandboxd-rt"
@@ -85,6 +93,7 @@ DAEMON_RESERVE_MB = 64
 # sockaddr_un.sun_path is 108 bytes with its NUL.
 MAX_SOCKET_PATH = 107
 LOG_TAIL = 2000
+LAUNCH_THREADS = 16
 LOG_NAME = "daemon.log"
 MS_NOSUID = 2  # linux/mount.h
 MS_NODEV = 4
@@ -234,23 +243,28 @@ class DaemonRuntime:
     def binds(self) -> list[tuple[str, str]]:
         return [(str(self.host_dir / n), f"{INNER_RT}/{n}") for n in self.sources]
 
-    def argv(self, listen_fd: int, cgroups: bool = True, user: str | None = None) -> list[str]:
-        site = [f"{INNER_RT}/{n}" for n in self.sources if n != "py"]
-        # -I: no PYTHON* variables, no user site, no cwd on sys.path.
-        boot = (
-            f"import sys; sys.path[:0] = {site!r}; "
-            "from sandboxd.cli import main; raise SystemExit(main())"
-        )
-        argv = [
+    def _site(self) -> list[str]:
+        return [f"{INNER_RT}/{n}" for n in self.sources if n != "py"]
+
+    def _interpreter(self, boot: str) -> list[str]:
+        return [
             LOADERS[self.machine],
             # The host interpreter's RUNPATH (its libpython) is a host path:
             # give the loader the bound copy; no LD_LIBRARY_PATH to leak.
             "--library-path",
             f"{INNER_RT}/py/lib",
             f"{INNER_RT}/py/{self.python}",
+            # -I: no PYTHON* variables, no user site, no cwd on sys.path.
             "-I",
             "-c",
             boot,
+        ]
+
+    def serve_args(
+        self, listen_fd: int, cgroups: bool = True, user: str | None = None
+    ) -> list[str]:
+        """``sandboxd serve``'s arguments, for exec (:meth:`argv`) and for the zygote alike."""
+        args = [
             "serve",
             "--listen-fd",
             str(listen_fd),
@@ -261,9 +275,75 @@ class DaemonRuntime:
         ]
         # issue 17: the image's User is the default of processes that name none.
         if user:
-            argv += ["--default-user", user]
+            args += ["--default-user", user]
         # Without the sandbox's cgroups bound in, cgroupfs is read-only inside.
-        return argv if cgroups else [*argv, "--no-cgroups"]
+        return args if cgroups else [*args, "--no-cgroups"]
+
+    def argv(self, listen_fd: int, cgroups: bool = True, user: str | None = None) -> list[str]:
+        boot = (
+            f"import sys; sys.path[:0] = {self._site()!r}; "
+            "from sandboxd.cli import main; raise SystemExit(main())"
+        )
+        return [*self._interpreter(boot), *self.serve_args(listen_fd, cgroups, user)]
+
+    def waiter_argv(self, exit_fd: int) -> list[str]:
+        """The command bwrap runs once a zygote-forked daemon ended (``zygote_launch.py``).
+
+        It exits with the daemon's status, which the zygote (its reaper) writes
+        on ``exit_fd``, so the launcher exits as it would around an exec'd daemon.
+        Started only then: its start-up costs nothing to a create.
+        """
+        boot = (
+            "import os, sys\n"
+            "data = b''\n"
+            "while chunk := os.read(int(sys.argv[1]), 64):\n"
+            "    data += chunk\n"
+            "os._exit(int(data.split()[0]) if data.split() and data.split()[0].isdigit() else 1)\n"
+        )
+        return [*self._interpreter(boot)[:-3], "-I", "-S", "-c", boot, str(exit_fd)]
+
+    def zygote_argv(self, image: Image) -> list[str]:
+        """The zygote's command line (``host/zygote.py``; ``{FD}``: its socket to the host).
+
+        bubblewrap as the host's root, without a user or pid namespace of its
+        own (joining a sandbox's needs both the host's); a mount namespace whose
+        root is the image's, read-only, with this runtime where a sandbox has it.
+        """
+        boot = (
+            f"import sys; sys.path[:0] = {self._site()!r}; "
+            "from sandboxd.zygote_child import run; raise SystemExit(run({FD}))"
+        )
+        argv = [
+            BWRAP,
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-net",
+            "--die-with-parent",
+            "--new-session",
+            "--ro-bind",
+            str(image.rootfs),
+            "/",
+            "--dev",
+            "/dev",
+            "--size",
+            str(RUN_TMPFS_BYTES),
+            "--tmpfs",
+            "/run",
+        ]
+        for src, dst in self.binds():
+            argv += ["--ro-bind", src, dst]
+        argv += [
+            "--chdir",
+            "/",
+            "--clearenv",
+            "--setenv",
+            "PATH",
+            PATH,
+            "--setenv",
+            "LANG",
+            "C.UTF-8",
+        ]
+        return [*argv, "--", *self._interpreter(boot)]
 
 
 def bwrap_argv(
@@ -278,8 +358,15 @@ def bwrap_argv(
     seccomp_fd: int | None = None,
     cwd: str = "/root",
     image_env: list[tuple[str, str]] | None = None,
+    block_fd: int | None = None,
+    info_fd: int | None = None,
 ) -> list[str]:
     """The command line for one sandbox (pure: tested without running it).
+
+    ``block_fd``/``info_fd`` (the zygote's path): bwrap sets the sandbox up,
+    reports its init's pid and namespaces on ``info_fd``, and waits until
+    ``block_fd`` reads end-of-file (its daemon, the one writer, ended) before
+    it runs ``inner`` (which then just ends the sandbox).
 
     ``cwd`` and ``image_env``: the image's WorkingDir and Env (issue 17), the
     daemon's and so its processes' defaults; Env comes after ours and wins.
@@ -331,34 +418,30 @@ def bwrap_argv(
         argv += ["--ro-bind", src, dst]
     for src, dst in cgroup_binds or []:
         argv += ["--bind", src, dst]
+    if block_fd is not None:
+        argv += ["--block-fd", str(block_fd)]
+    if info_fd is not None:
+        argv += ["--info-fd", str(info_fd)]
     if seccomp_fd is not None:
         # Loaded by bwrap right before it execs the daemon: every process of
         # the sandbox is filtered, bwrap's own setup is not.
         argv += ["--seccomp", str(seccomp_fd)]
-    argv += [
-        "--chdir",
-        cwd,
-        "--clearenv",
-        "--setenv",
-        "PATH",
-        PATH,
-        "--setenv",
-        "HOME",
-        "/root",
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-        "--setenv",
-        "HOSTNAME",
-        hostname,
-    ]
-    for key, value in image_env or []:
+    argv += ["--chdir", cwd, "--clearenv"]
+    for key, value in sandbox_env(hostname, image_env):
         argv += ["--setenv", key, value]
     argv += [
         "--",
         *inner,
     ]
     return argv
+
+
+def sandbox_env(
+    hostname: str, image_env: list[tuple[str, str]] | None = None
+) -> list[tuple[str, str]]:
+    """The daemon's environment (and so its processes' default): ours, then the image's Env."""
+    ours = [("PATH", PATH), ("HOME", "/root"), ("LANG", "C.UTF-8"), ("HOSTNAME", hostname)]
+    return ours + list(image_env or [])
 
 
 # -- making and removing a sandbox's files -------------------------------------
@@ -509,34 +592,55 @@ async def launch(
     daemon: DaemonRuntime,
     disk_mb: int | None = None,
     *,
-    netns: str | None = None,
+    netns: str | asyncio.Future[str | None] | None = None,
     seed: Callable[[Path], None] | None = None,
     nested_userns: bool = False,
+    zygote: Zygote | None = None,
 ) -> asyncio.subprocess.Process:
     """Start the sandbox; returns the launcher's process (the daemon may not answer yet).
+
+    ``zygote``: its daemon is forked by that zygote (``zygote.py``) rather than
+    started by exec; if the zygote fails, the same sandbox takes the exec path.
 
     ``nested_userns``: the seccomp filter lets root inside make user and
     network namespaces of its own (podman, bwrap inside); off by default.
 
     ``netns``: a network namespace path (``/run/netns/<name>``) to run the
-    sandbox in; None = a new one with loopback only. ``seed``: called with the
+    sandbox in, or a future of one (being set up meanwhile: the caller awaits
+    it if this raises first); None = a new one with loopback only. ``seed``: called with the
     sandbox's writable dir (``layout.rw``) after it is made and before the
     overlay is mounted on it (a snapshot restore fills it).
     """
     uid = image.uid_offset
-    await asyncio.to_thread(make_dirs, layout, disk_mb, uid)
-    listener = await asyncio.to_thread(listen, layout)
-    if seed is not None:
-        await asyncio.to_thread(seed, layout.rw)
-    await asyncio.to_thread(mount_root, layout, image)
-    if cgroup is not None:
-        await asyncio.to_thread(cgroup.delegate, uid)
+    phases = Phases(hostname)
+    # Independent of the disk and the overlay: made alongside them (as the
+    # network is, by the caller), so a create waits for the longest, not the sum.
+    making_userns = asyncio.ensure_future(make_userns(uid, owner_uid(hostname)))
+    try:
+        await _blocking(make_dirs, layout, disk_mb, uid)
+        phases.mark("dirs+disk")
+        listener = await _blocking(listen, layout)
+        if seed is not None:
+            await _blocking(seed, layout.rw)
+        await _blocking(mount_root, layout, image)
+        phases.mark("listen+overlay")
+        if cgroup is not None:
+            await _blocking(cgroup.delegate, uid)
+    except BaseException:
+        await _discard_userns(making_userns)
+        raise
     procs = cgroup.procs_files() if cgroup is not None else []
     fds: list[int] = [listener.detach()]
     log = None
     try:
-        userns = await make_userns(uid, owner_uid(hostname))
+        try:
+            userns = await making_userns
+        finally:
+            phases.mark("userns")
         fds.append(userns)
+        if netns is not None and not isinstance(netns, str):
+            netns = await netns
+            phases.mark("network")
         filter_fd = (
             seccomp.memfd(allow_nested_userns=nested_userns) if seccomp.supported() else None
         )
@@ -544,11 +648,14 @@ async def launch(
             fds.append(filter_fd)
         # On the sandbox's own disk: what its daemon prints counts against disk_mb.
         log = open(layout.log, "ab")  # noqa: SIM115 - handed to the child, closed below
-        return await asyncio.create_subprocess_exec(
-            *bwrap_argv(
+        cgroups = cgroup is not None
+        user = image.config.user
+
+        def argv(inner: list[str], block: int | None = None, info: int | None = None) -> list[str]:
+            return bwrap_argv(
                 layout,
                 hostname,
-                daemon.argv(fds[0], cgroups=cgroup is not None, user=image.config.user),
+                inner,
                 userns=f"/proc/self/fd/{userns}",
                 ro_binds=daemon.binds(),
                 cgroup_binds=cgroup.binds() if cgroup is not None else None,
@@ -556,7 +663,40 @@ async def launch(
                 seccomp_fd=filter_fd,
                 cwd=image.cwd,
                 image_env=image.config.env_pairs(),
-            ),
+                block_fd=block,
+                info_fd=info,
+            )
+
+        if zygote is not None:
+            from . import zygote_launch
+            from .zygote import ZygoteError
+
+            try:
+                return await zygote_launch.start(
+                    zygote,
+                    argv=lambda block, info, ended: argv(daemon.waiter_argv(ended), block, info),
+                    layout=layout,
+                    pass_fds=fds,
+                    listen_fd=fds[0],
+                    userns_fd=userns,
+                    netns=netns,
+                    log=log,
+                    procs=procs,
+                    serve_args=daemon.serve_args(zygote_child.LISTEN_FD, cgroups, user),
+                    env=sandbox_env(hostname, image.config.env_pairs()),
+                    cwd=image.cwd,
+                    nested_userns=nested_userns,
+                    enter=lambda: _enter(procs),
+                    phases=phases,
+                )
+            except ZygoteError as exc:
+                if exc.unsettled:
+                    raise LaunchError(str(exc)) from exc
+                log_fallback(hostname, exc)
+                if filter_fd is not None:
+                    os.lseek(filter_fd, 0, os.SEEK_SET)  # the first bwrap read it to its end
+        return await asyncio.create_subprocess_exec(
+            *argv(daemon.argv(fds[0], cgroups=cgroups, user=user)),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -571,6 +711,45 @@ async def launch(
             log.close()
         for fd in fds:
             os.close(fd)
+
+
+class Phases:
+    """How long each step of a launch took (a debug line per sandbox: the bench's profile)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.sandbox_id = sandbox_id
+        self.t = time.monotonic()
+        self.parts: list[str] = []
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.parts.append(f"{name}={(now - self.t) * 1000:.1f}ms")
+        self.t = now
+
+    def done(self) -> None:
+        _log.debug("sandbox %s launch: %s", self.sandbox_id, " ".join(self.parts))
+
+
+def log_fallback(sandbox_id: str, exc: Exception) -> None:
+    _log.warning("sandbox %s: %s; starting its daemon by exec instead", sandbox_id, exc)
+
+
+# The launches' blocking steps (mkfs and mount in a child, the overlay mount):
+# mostly waiting, not computing, so a burst of creates runs them side by side
+# here rather than queueing behind the loop's default pool (cores + 4 threads).
+_LAUNCH_THREADS = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="launch")
+
+
+async def _blocking(fn: Callable[..., T], *args: object) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_LAUNCH_THREADS, fn, *args)
+
+
+async def _discard_userns(making: asyncio.Future[int]) -> None:
+    """The launch failed before it used the namespace: no fd of it may leak."""
+    if not making.done():
+        making.cancel()
+    with contextlib.suppress(BaseException):
+        os.close(await making)
 
 
 def _enter(procs: list[str]) -> None:

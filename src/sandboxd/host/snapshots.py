@@ -278,6 +278,19 @@ class Snapshots:
         os.chmod(self.dir, 0o700)
         self.table = catalog.table("snapshots", Snapshot)
         self._settled: dict[str, asyncio.Event] = {}  # sandbox id -> set when its snapshot ends
+        # Told of every snapshot taken, settled or deleted here (a fleet node's
+        # mirror to etcd, fleet/snapshots.py); a lone host has none.
+        self.listeners: list[Callable[[Snapshot], None]] = []
+
+    def use_dir(self, shared: Path) -> None:
+        """Keep archives in ``shared`` (a fleet's snapshot store), not the state dir."""
+        shared.mkdir(parents=True, exist_ok=True)
+        os.chmod(shared, 0o700)
+        self.dir = shared
+
+    def _changed(self, s: Snapshot) -> None:
+        for tell in self.listeners:
+            tell(s)
 
     def path(self, s: Snapshot) -> Path:
         return self.dir / f"{s.id}.tar.{s.compression}"
@@ -303,6 +316,7 @@ class Snapshots:
             if s.status == IN_PROGRESS:
                 s.status, s.error = FAILED, "the host stopped while the archive was being written"
                 self.table.put(s)
+                self._changed(s)
         with contextlib.suppress(OSError):
             for f in self.dir.iterdir():
                 if f.name.startswith(".") and f.name.endswith(".tmp"):
@@ -383,6 +397,7 @@ class Snapshots:
             snapshot_type=kind,
         )
         self.table.put(snap)
+        self._changed(snap)
         prior = cur.status
         states.advance(self.m.store, cur.id, Event.SNAPSHOT)
         self._settled[cur.id] = asyncio.Event()
@@ -438,6 +453,7 @@ class Snapshots:
                 snap.duration_ms,
             )
         self.table.put(snap)
+        self._changed(snap)
         self.m.observe.snapshot_done(snap.snapshot_type, snap.status, time.monotonic() - t0)
         # Refused when a DELETE during the snapshot already made it terminated.
         cur = states.try_advance(self.m.store, sandbox_id, Event.SNAPSHOT_DONE)
@@ -468,6 +484,7 @@ class Snapshots:
             self.path(s).unlink()
         shutil.rmtree(self.mem_path(s), ignore_errors=True)
         self.table.delete(s.id)
+        self._changed(s)
 
     # -- restore ----------------------------------------------------------------
 

@@ -142,4 +142,7 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(parse_level(level))
+    # asyncssh logs every channel open and close at INFO; our SSH modules log
+    # one line per login themselves.
+    logging.getLogger("asyncssh").setLevel(max(parse_level(level), logging.WARNING))
     return handler

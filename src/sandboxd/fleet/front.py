@@ -1,0 +1,625 @@
+"""The fleet's front: one API for every sandbox of the fleet, on any node or a gateway.
+
+Two middlewares. :meth:`Front.api` (inside the token check) answers the
+lifecycle routes from etcd (list, an ended sandbox's get), places creates
+(:mod:`.placement`, names by a create-if-absent key) and forwards everything
+about a sandbox on another node (lifecycle calls and ``/api/v1/*``, SSE and
+websockets included) to that node's advertised URL. :meth:`Front.ports`
+(before the host's exposed-port middleware) forwards an exposed port's request
+for a sandbox of another node as it came: the owning node checks it.
+
+A request forwarded between nodes carries ``X-Sandboxd-Fleet-Hop`` (a value
+derived from the fleet's token) and is handled where it lands, as on a lone
+host; the client's ``Authorization`` goes along (every node has the token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from ..edge import read_json
+from ..host import ingress, labels, proxy
+from ..host.model import (
+    LIVE,
+    PENDING,
+    ApiError,
+    Record,
+    check_name,
+    check_namespace,
+    info,
+    parse_create,
+)
+from ..host.routing import sandbox_url
+from ..host.store import NameTaken
+from . import keys, lost
+from . import pools as fleet_pools
+from . import snapshots as fleet_snapshots
+from .placement import Reservation, reserve
+from .store import Entry, Etcd, Unavailable
+
+log = logging.getLogger("sandboxd.fleet")
+
+HOP = "X-Sandboxd-Fleet-Hop"
+_LIFECYCLE = re.compile(r"^/v1/namespaces/([^/]+)/sandboxes(?:/([^/]+)(/.*)?)?$")
+_SNAPSHOT = re.compile(r"^/v1/namespaces/([^/]+)/snapshots/([^/]+)$")
+_SNAPSHOTS = re.compile(r"^/v1/namespaces/([^/]+)/snapshots$")
+# On a create forwarded for a restore: the snapshot the node must adopt first.
+RESTORE_OF = "X-Sandboxd-Fleet-Snapshot"
+_FIELDS = {f.name for f in dataclasses.fields(Record)}
+MAX_REMEMBERED = 100_000  # sandbox locations a front keeps (for proxying without etcd)
+
+
+def hop_value(token: str | None) -> str:
+    """What a node-to-node request carries: not the token itself, but bound to it."""
+    return hmac.new((token or "").encode(), b"sandboxd-fleet-hop", hashlib.sha256).hexdigest()
+
+
+def record_of(value: dict[str, Any]) -> Record:
+    return Record(**{k: v for k, v in value["record"].items() if k in _FIELDS})
+
+
+class NodeConnector(aiohttp.BaseConnector):
+    """Every connection to one node's address, whatever Host the request names."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(limit=256)
+        self._host, self._port = host, port
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        try:
+            async with asyncio.timeout(timeout.sock_connect):
+                _, proto = await self._loop.create_connection(self._factory, self._host, self._port)
+        except OSError as exc:
+            raise aiohttp.ClientConnectionError(
+                f"node at {self._host}:{self._port}: {exc}"
+            ) from exc
+        return proto
+
+
+class Front:
+    def __init__(
+        self,
+        etcd: Etcd,
+        node: str | None,
+        token: str | None,
+        lease_of: Callable[[], int] | None = None,
+        ttl: int = 10,
+    ) -> None:
+        self.etcd, self.node, self.ttl = etcd, node, ttl
+        self.hop = hop_value(token)
+        self._lease_of = lease_of
+        self._own_lease = 0
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._where: dict[str, Entry] = {}  # sandbox id -> its record, as last read
+        self._urls: dict[str, str] = {}  # node -> advertised URL, as last read
+        self._tasks: list[asyncio.Task[None]] = []
+        self.snapshots: Any = None  # a node's host/snapshots.Snapshots (join.py); a gateway's None
+
+    # -- life ---------------------------------------------------------------
+
+    def lease(self) -> int:
+        return self._lease_of() if self._lease_of is not None else self._own_lease
+
+    async def start(self) -> None:
+        if self._lease_of is None:  # a gateway: its reservations live under its own lease
+            self._own_lease = await self.etcd.grant(self.ttl)
+            self._tasks.append(asyncio.ensure_future(self._keepalive()))
+        self._tasks.append(asyncio.ensure_future(self._sweep_loop()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for s in self._sessions.values():
+            await s.close()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, self.ttl / 3))
+            with contextlib.suppress(Unavailable):
+                if not await self.etcd.keepalive(self._own_lease):
+                    self._own_lease = await self.etcd.grant(self.ttl)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, self.ttl / 4))
+            try:
+                await lost.sweep(self.etcd)
+                await fleet_pools.refill_lost(self)
+            except Unavailable:
+                pass  # no quorum: nobody can be declared lost now; the next sweep will
+            except Exception:
+                log.exception("the lost-node sweep failed")
+
+    # -- where things are -----------------------------------------------------
+
+    def session(self, url: str) -> aiohttp.ClientSession:
+        s = self._sessions.get(url)
+        if s is None or s.closed:
+            u = urlsplit(url)
+            s = aiohttp.ClientSession(
+                connector=NodeConnector(u.hostname or "127.0.0.1", u.port or 80),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            )
+            self._sessions[url] = s
+        return s
+
+    async def node_url(self, node: str) -> str | None:
+        """The node's URL while it is in the fleet (its lease alive), else None."""
+        try:
+            _, entries = await self.etcd.prefix(keys.NODES, serializable=True)
+        except Unavailable:
+            return self._urls.get(node)
+        self._urls = {e.value["node"]: e.value["url"] for e in entries}
+        return self._urls.get(node)
+
+    async def locate(self, sid: str, ns: str | None = None) -> Entry | None:
+        try:
+            if ns is not None:
+                e = await self.etcd.read(keys.sandbox(ns, sid))
+            elif sid in self._where:  # a sandbox never changes node: no read per request
+                return self._where[sid]
+            else:
+                _, entries = await self.etcd.prefix(keys.SANDBOXES, serializable=True)
+                found = [x for x in entries if x.key.rsplit("/", 1)[-1] == sid]
+                e = found[0] if found else None
+        except Unavailable:
+            return self._where.get(sid)  # quorum lost: proxying goes on from memory
+        if e is not None:
+            self._remember(e)
+        return e
+
+    def _remember(self, e: Entry) -> None:
+        if len(self._where) > MAX_REMEMBERED:
+            self._where.clear()  # a bound, not a policy: the next requests read again
+        self._where[e.key.rsplit("/", 1)[-1]] = e
+
+    async def resolve(self, ns: str, ident: str) -> Entry | None:
+        if not ident.startswith("sbx-"):
+            named = await self.etcd.read(keys.name(ns, ident))
+            if named is None or not named.value.get("id"):
+                return None
+            ident = named.value["id"]
+        return await self.locate(ident, ns)
+
+    # -- the middlewares ------------------------------------------------------
+
+    def hopped(self, request: web.Request) -> bool:
+        given = request.headers.get(HOP, "")
+        return bool(given) and hmac.compare_digest(given, self.hop)
+
+    @web.middleware
+    async def ports(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        target = ingress.target_of(request.headers.get("Host", ""))
+        if target is None or self.hopped(request):
+            return await handler(request)
+        e = await self.locate(target[1])
+        if e is None or e.value.get("node") == self.node:
+            return await handler(request)
+        url = await self.node_url(e.value["node"])
+        if url is None:
+            raise ApiError(502, "NODE_LOST", f"the node of sandbox {target[1]} is gone")
+        return await proxy.forward(request, self.session(url), request.host, frozenset())
+
+    @web.middleware
+    async def api(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.hopped(request):
+            await self._adopt(request)
+            with fleet_pools.adopt_id(request):  # a pool's share: the fleet's id for it
+                return await handler(request)
+        if request.path.startswith("/api/v1/"):
+            return await self._to_sandbox(request, handler)
+        listed = _SNAPSHOTS.match(request.path)
+        if listed is not None and request.method == "GET":
+            return await self.list_snapshots(check_namespace(listed[1]))
+        snap = _SNAPSHOT.match(request.path)
+        if snap is not None:
+            return await self._snapshot(request, handler, check_namespace(snap.group(1)), snap[2])
+        pool = fleet_pools.POOLS.match(request.path)
+        if pool is not None:
+            ns = check_namespace(pool[1])
+            return await fleet_pools.route(self, request, handler, ns, pool[2], pool[3] or "")
+        m = _LIFECYCLE.match(request.path)
+        if m is None:
+            return await handler(request)
+        ns = check_namespace(m.group(1))
+        ident, rest = m.group(2), m.group(3) or ""
+        if ident is None:
+            if request.method == "POST":
+                return await self.create(request, ns)
+            if request.method == "GET":
+                return await self.list_(request, ns)
+            return await handler(request)
+        e = await self.resolve(ns, ident)
+        if e is None:
+            if self.node is not None:
+                return await handler(request)  # the host's own answer (its 404)
+            raise ApiError(404, "SANDBOX_NOT_FOUND", f"no sandbox {ident!r} in namespace {ns!r}")
+        node = e.value["node"]
+        rec = record_of(e.value)
+        if request.method == "PATCH" and rest == "" and rec.status in LIVE:
+            return await self.patch(request, ns, rec, node)
+        if request.method == "POST" and rest == "/snapshot":
+            return await self._note_snapshot(
+                ns, node, await self.here_or_there(request, handler, node)
+            )
+        if node == self.node:
+            return await handler(request)
+        url = await self.node_url(node)
+        if url is None:  # the node is gone: etcd's account (the sweep's, or ours now)
+            return self._from_fleet(request, e, True, rest)
+        if rec.status not in LIVE and request.method in ("GET", "DELETE") and rest == "":
+            return self._from_fleet(request, e, False, rest)  # an end in etcd is final
+        try:
+            return await self._relay(request, url, node)
+        except ApiError as exc:
+            if exc.code != "NODE_UNREACHABLE" or request.method != "GET" or rest:
+                raise
+            # Down, its lease not yet run out: what it last published, until the sweep.
+            return self._from_fleet(request, e, False, rest)
+
+    # -- answers ------------------------------------------------------------
+
+    def _from_fleet(
+        self, request: web.Request, e: Entry, node_gone: bool, rest: str
+    ) -> web.StreamResponse:
+        """What etcd says of a sandbox whose node cannot be asked (gone, or down)."""
+        value = (
+            lost.lost_value(e.value, time.time())
+            if node_gone and record_of(e.value).status in LIVE
+            else e.value
+        )
+        rec = record_of(value)
+        if request.method == "GET" and rest == "":
+            return web.json_response({**info(rec, sandbox_url(request)), "node": value["node"]})
+        if request.method == "DELETE" and rest == "":
+            return web.Response(status=200)  # ended already: DELETE is idempotent
+        raise ApiError(
+            409,
+            "SANDBOX_TERMINATED",
+            f"sandbox {rec.id} is {rec.status} ({rec.termination_reason}): nothing to do",
+        )
+
+    async def list_(self, request: web.Request, ns: str) -> web.StreamResponse:
+        """Every node's sandboxes, from etcd, with the host's own query (labels.py)."""
+        _, entries = await self.etcd.prefix(f"{keys.SANDBOXES}{ns}/", serializable=True)
+        _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
+        alive = {n.value["node"] for n in nodes}
+        now = time.time()
+        recs, where = [], {}
+        for e in entries:
+            value = e.value
+            if value["node"] not in alive and value["record"]["status"] in LIVE:
+                value = lost.lost_value(value, now)  # its node is gone: not live any more
+            rec = record_of(value)
+            recs.append(rec)
+            where[rec.id] = value["node"]
+            if rec.status in LIVE:
+                self._remember(e)
+        chosen, next_cursor = labels.query(
+            recs, ns, request.query, lambda k: request.query.getall(k, [])
+        )
+        url = sandbox_url(request)
+        body: dict[str, Any] = {
+            "sandboxes": [{**info(r, url), "node": where[r.id]} for r in chosen]
+        }
+        if next_cursor is not None:
+            body["next_cursor"] = next_cursor
+        return web.json_response(body)
+
+    def _headers(self, request: web.Request) -> dict[str, str]:
+        # Origin was checked here (cross_site_guard): the node would see this front's port in it.
+        out = dict(proxy._forward_headers(request.headers, frozenset({"origin"})))
+        out[HOP] = self.hop
+        return out
+
+    async def _relay(self, request: web.Request, url: str, node: str) -> web.StreamResponse:
+        """A lifecycle call answered by the node that has the sandbox."""
+        body = await request.read()
+        status, data, raw, ctype = await self.call(request, url, body)
+        if isinstance(data, dict):
+            self._rewrite(data, request)
+            if request.method == "GET" and "id" in data:
+                data["node"] = node
+            return web.json_response(data, status=status)
+        return web.Response(status=status, body=raw, content_type=ctype or None)
+
+    async def call(
+        self, request: web.Request, url: str, body: bytes, extra: dict[str, str] | None = None
+    ) -> tuple[int, Any, bytes, str]:
+        target = f"http://{request.host}{request.rel_url.raw_path_qs}"
+        headers = {**self._headers(request), **(extra or {})}
+        try:
+            async with self.session(url).request(
+                request.method,
+                target,
+                headers=headers,
+                data=body or None,
+                # Only the client's own type: an empty POST (the SDK's snapshot) stays untyped.
+                skip_auto_headers=("Content-Type",),
+            ) as r:
+                raw = await r.read()
+                data = None
+                if r.content_type == "application/json" and raw:
+                    with contextlib.suppress(ValueError):
+                        data = json.loads(raw)
+                return r.status, data, raw, r.content_type
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiError(
+                502, "NODE_UNREACHABLE", f"the node at {url} did not answer: {exc}"
+            ) from exc
+
+    def _rewrite(self, data: dict[str, Any], request: web.Request) -> None:
+        """The sandbox's URL is this front's: the SDK's next calls come back here."""
+        from ..host.model import ingress_endpoint
+
+        if "sandbox_url" in data:
+            url = sandbox_url(request)
+            data["sandbox_url"] = url
+            data["ingress_endpoint"] = ingress_endpoint(url)
+
+    async def _to_sandbox(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        sid = proxy.sandbox_id_of(request)
+        e = None if sid is None else await self.locate(sid)
+        if e is None or e.value.get("node") == self.node:
+            if self.node is None:
+                raise ApiError(
+                    404 if sid else 400,
+                    "SANDBOX_NOT_FOUND" if sid else "NO_SANDBOX_NAMED",
+                    f"no sandbox {sid!r} in the fleet"
+                    if sid
+                    else "name the sandbox with 'Host: <id>.local' or 'X-Tensorlake-Sandbox-Id'",
+                )
+            return await handler(request)
+        url = await self.node_url(e.value["node"])
+        if url is None:
+            raise ApiError(
+                404, "SANDBOX_TERMINATED", f"sandbox {sid} is lost: its node left the fleet"
+            )
+        headers = self._headers(request)
+        headers["X-Tensorlake-Sandbox-Id"] = sid or ""
+        for k in ("Upgrade", "Connection"):  # proxy.forward tells a websocket by these
+            if k in request.headers:
+                headers[k] = request.headers[k]
+        fwd = request.clone(headers=headers)
+        return await proxy.forward(fwd, self.session(url), request.host, frozenset())
+
+    # -- snapshots: their data stays on the node that took them -------------
+
+    async def here_or_there(
+        self, request: web.Request, handler: Any, node: str
+    ) -> web.StreamResponse:
+        if node == self.node:
+            return await handler(request)
+        url = await self.node_url(node)
+        if url is None:
+            raise ApiError(409, "NODE_LOST", f"node {node} left the fleet: its data went with it")
+        return await self._relay(request, url, node)
+
+    async def _note_snapshot(
+        self, ns: str, node: str, resp: web.StreamResponse
+    ) -> web.StreamResponse:
+        """Remember which node holds a snapshot just begun, for its reads and restores."""
+        body = resp.body if isinstance(resp, web.Response) else None
+        if resp.status < 300 and isinstance(body, bytes):
+            with contextlib.suppress(ValueError, TypeError, Unavailable):
+                snap = json.loads(body).get("snapshot_id")
+                if isinstance(snap, str):  # the node's own copy (fuller) may be there first
+                    key = keys.snapshot(ns, snap)
+                    await self.etcd.transaction(
+                        [self.etcd.absent(key)], [self.etcd.put_op(key, {"node": node})]
+                    )
+        return resp
+
+    async def _snapshot(
+        self, request: web.Request, handler: Any, ns: str, snap: str
+    ) -> web.StreamResponse:
+        e = await self.etcd.read(keys.snapshot(ns, snap))
+        if e is None:
+            if self.node is not None:
+                return await handler(request)
+            raise ApiError(404, "SNAPSHOT_NOT_FOUND", f"no snapshot {snap!r} in namespace {ns!r}")
+        node = e.value["node"]
+        if await self.node_url(node) is None:  # its node is gone: the shared store, or etcd
+            if request.method == "GET":
+                shown = fleet_snapshots.fleet_info(e.value)
+                if shown is not None:
+                    return web.json_response(shown)
+            elif request.method == "DELETE":
+                _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
+                near = (
+                    fleet_snapshots.sharing(nodes, str(e.value["dir"]))
+                    if fleet_snapshots.movable(e.value)
+                    else []
+                )
+                if near:  # a node on the same store deletes the archive (adopting it first)
+                    node = self.node if self.node in near else near[0]
+                else:  # its data went with its node: only the record is left to drop
+                    await self.etcd.delete(keys.snapshot(ns, snap))
+                    return web.Response(status=200)
+        resp = await self.here_or_there(request, handler, node)
+        if request.method == "DELETE" and resp.status < 300:
+            with contextlib.suppress(Unavailable):
+                await self.etcd.delete(keys.snapshot(ns, snap))
+        return resp
+
+    async def list_snapshots(self, ns: str) -> web.StreamResponse:
+        """Every snapshot of the namespace in the fleet, from etcd, oldest first."""
+        _, entries = await self.etcd.prefix(f"{keys.SNAPSHOTS}{ns}/", serializable=True)
+        shown = [i for i in (fleet_snapshots.fleet_info(e.value) for e in entries) if i]
+        shown.sort(key=lambda i: (i["created_at"], i["id"]))
+        return web.json_response({"snapshots": shown})
+
+    async def restore_nodes(self, ns: str, snap: str) -> frozenset[str] | None:
+        """The nodes a restore of ``snap`` may go to (None: any; a node's own unknown id)."""
+        e = await self.etcd.read(keys.snapshot(ns, snap))
+        if e is None:
+            if self.node is None:
+                raise ApiError(
+                    404, "SNAPSHOT_NOT_FOUND", f"no snapshot {snap!r} in namespace {ns!r}"
+                )
+            return frozenset({self.node})  # the host's own answer (its 404, or its old one)
+        _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
+        return fleet_snapshots.restore_nodes(e.value, nodes, snap)
+
+    async def _adopt(self, request: web.Request) -> None:
+        """A forwarded request about another node's snapshot: its record here first."""
+        if self.snapshots is None or self.node is None:
+            return
+        m = _SNAPSHOT.match(request.path)
+        if m is not None:
+            ns, snap = m[1], m[2]
+        elif request.method == "POST" and RESTORE_OF in request.headers:
+            m = _LIFECYCLE.match(request.path)
+            if m is None or m[2] is not None:
+                return
+            ns, snap = m[1], request.headers[RESTORE_OF]
+        else:
+            return
+        with contextlib.suppress(Unavailable):  # no quorum: the host answers from its own
+            await fleet_snapshots.adopt(self.etcd, self.snapshots, self.node, ns, snap)
+
+    # -- names --------------------------------------------------------------
+
+    async def patch(
+        self, request: web.Request, ns: str, rec: Record, node: str
+    ) -> web.StreamResponse:
+        """A rename claims the new name fleet-wide first; the node frees the old one."""
+        body = await read_json(request, empty={})
+        name = body.get("name") if isinstance(body, dict) else None
+        url = await self.node_url(node)
+        if url is None:
+            raise ApiError(409, "SANDBOX_TERMINATED", f"sandbox {rec.id} is lost with its node")
+        claimed = None
+        if isinstance(name, str) and name != rec.name:
+            key = keys.name(ns, check_name(name))
+            node_key = await self.etcd.get(keys.node(node))
+            lease = node_key.lease if node_key is not None else self.lease()
+            value = {"id": rec.id, "node": node}
+            if not await self.etcd.transaction(
+                [self.etcd.absent(key)], [self.etcd.put_op(key, value, lease=lease)]
+            ):
+                raise NameTaken(name)
+            claimed = key
+        status = 599  # until the node answers: a claim made for nothing is dropped
+        try:
+            status, data, raw, ctype = await self.call(request, url, json.dumps(body).encode())
+        finally:
+            if claimed is not None and status >= 300:
+                await self._drop(claimed, rec.id)
+        if claimed is not None and status < 300 and rec.name is not None:
+            await self._drop(keys.name(ns, rec.name), rec.id)  # renamed: the old name is free
+        if isinstance(data, dict):
+            self._rewrite(data, request)
+            return web.json_response(data, status=status)
+        return web.Response(status=status, body=raw, content_type=ctype or None)
+
+    async def _drop(self, key: str, sid: str) -> None:
+        with contextlib.suppress(Unavailable):
+            cur = await self.etcd.get(key)
+            if cur is not None and cur.value.get("id") == sid:
+                await self.etcd.transaction(
+                    [self.etcd.unchanged(key, cur.mod_revision)], [self.etcd.delete_op(key)]
+                )
+
+    # -- create -------------------------------------------------------------
+
+    async def create(self, request: web.Request, ns: str) -> web.StreamResponse:
+        body = await read_json(request, empty={})
+        spec = parse_create(body)
+        # A restore goes where its snapshot's data is: its node, or any on the shared store.
+        only = None
+        extra: dict[str, str] = {}
+        if spec.snapshot_id is not None:
+            only = await self.restore_nodes(ns, spec.snapshot_id)
+            extra[RESTORE_OF] = spec.snapshot_id
+        down: frozenset[str] = frozenset()
+        while True:
+            res = await reserve(self.etcd, spec, ns, self.lease(), only=only, exclude=down)
+            name_key = keys.name(ns, spec.name) if spec.name else None
+            try:
+                if name_key is not None:
+                    claim = {"id": None, "node": res.node, "rid": res.rid}
+                    if not await self.etcd.transaction(
+                        [self.etcd.absent(name_key)],
+                        [self.etcd.put_op(name_key, claim, lease=self.lease())],
+                    ):
+                        name_key = None
+                        raise NameTaken(spec.name or "")
+                sent = json.dumps(body).encode()
+                status, data, raw, ctype = await self.call(request, res.url, sent, extra)
+                break
+            except ApiError as exc:
+                await self._release(res, name_key)
+                if exc.code != "NODE_UNREACHABLE":
+                    raise
+                down |= {res.node}  # dead, its lease not out yet: place it elsewhere
+            except BaseException:
+                await self._release(res, name_key)
+                raise
+        sid = data.get("sandbox_id") if isinstance(data, dict) else None
+        if status >= 300 or not sid:
+            await self._release(res, name_key)
+            if isinstance(data, dict):
+                return web.json_response(data, status=status)
+            return web.Response(status=status, body=raw, content_type=ctype or None)
+        await self._settle(res, ns, spec, sid, str(data.get("status", PENDING)), name_key)
+        self._rewrite(data, request)
+        return web.json_response(data, status=status)
+
+    async def _settle(
+        self,
+        res: Reservation,
+        ns: str,
+        spec: Any,
+        sid: str,
+        status: str,
+        name_key: str | None,
+    ) -> None:
+        """The reservation becomes the sandbox's record (unless its node wrote it first)."""
+        rec = Record.new(ns, spec, time.time())
+        rec.id, rec.status = sid, status
+        key = keys.sandbox(ns, sid)
+        value = {"node": res.node, "record": dataclasses.asdict(rec)}
+        e = self.etcd
+        with contextlib.suppress(Unavailable):
+            if not await e.transaction(
+                [e.absent(key)], [e.put_op(key, value), e.delete_op(res.key)]
+            ):
+                await e.delete(res.key)
+            if name_key is not None:
+                # Under the node's lease: the name goes with the node (node.py keeps it so).
+                cur = await e.get(name_key)
+                node_key = await e.get(keys.node(res.node))
+                lease = node_key.lease if node_key is not None else self.lease()
+                if cur is not None and cur.value.get("rid") == res.rid:
+                    await e.transaction(
+                        [e.unchanged(name_key, cur.mod_revision)],
+                        [e.put_op(name_key, {"id": sid, "node": res.node}, lease=lease)],
+                    )
+
+    async def _release(self, res: Reservation, name_key: str | None) -> None:
+        with contextlib.suppress(Unavailable):
+            await self.etcd.delete(res.key)
+            if name_key is not None:
+                cur = await self.etcd.get(name_key)
+                if cur is not None and cur.value.get("rid") == res.rid:
+                    await self.etcd.transaction(
+                        [self.etcd.unchanged(name_key, cur.mod_revision)],
+                        [self.etcd.delete_op(name_key)],
+                    )
