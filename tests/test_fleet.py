@@ -73,12 +73,14 @@ def nodes_in_fleet(url: str) -> set[str]:
     return {line.rsplit("/", 1)[-1] for line in r.stdout.split() if line}
 
 
-@pytest.fixture(scope="module")
-def fleet() -> Iterator[Fleet]:
+def run_fleet(
+    kind: type[Fleet], prefix: str, names: tuple[str, ...]
+) -> Iterator[Fleet]:
+    """A real fleet for a module: three etcd members, a gateway, ``names`` nodes; all ended after."""
     reason = etcd_fixture.missing()
     if reason:
         skip_with_reason(reason)
-    roots = make_state_root("sbf")
+    roots = make_state_root(prefix)
     root = next(roots)
     cluster = etcd_fixture.start_cluster()
     gw_port = free_port()
@@ -89,14 +91,14 @@ def fleet() -> Iterator[Fleet]:
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     log.close()
-    f = Fleet(cluster, root, {}, f"http://127.0.0.1:{gw_port}", gateway)
+    f = kind(cluster, root, {}, f"http://127.0.0.1:{gw_port}", gateway)
     try:
         wait_for(lambda: _answers(f.gateway_url), timeout=15)
-        for name in ("a", "b"):
+        for name in names:
             port = free_port()
             h = start_host(root / name, port, warm=0, extra_args=f.node_args(name, port))
             f.nodes[name] = h
-        wait_for(lambda: {"a", "b"} <= nodes_in_fleet(",".join(cluster.endpoints)), timeout=15)
+        wait_for(lambda: set(names) <= nodes_in_fleet(",".join(cluster.endpoints)), timeout=15)
         yield f
     finally:
         for name, h in list(f.nodes.items()):
@@ -115,6 +117,11 @@ def fleet() -> Iterator[Fleet]:
             sys.stderr.write(f"--- {log_file.name}\n" + "\n".join(said[-60:]) + "\n")
         with contextlib.suppress(StopIteration):
             next(roots)
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    yield from run_fleet(Fleet, "sbf", ("a", "b"))
 
 
 def _answers(url: str) -> bool:

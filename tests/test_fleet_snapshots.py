@@ -10,11 +10,8 @@ snapshot kept on a node that left the fleet is refused with a code.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -22,18 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from . import etcd_fixture
-from .conftest import free_port, skip_with_reason, stop_process, wait_for
+from .conftest import wait_for
 from .test_fleet import (
     TTL,
     Fleet,
-    _answers,
-    _end_all,
     describe,
     nodes_in_fleet,
     only_on,
+    run_fleet,
 )
-from .test_host import make_state_root, start_host
 
 SNAPS = "/v1/namespaces/default/snapshots"
 SHARING = ("a", "b")  # the nodes on the shared store; c keeps its own
@@ -47,46 +41,7 @@ class SharedFleet(Fleet):
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[SharedFleet]:
-    reason = etcd_fixture.missing()
-    if reason:
-        skip_with_reason(reason)
-    roots = make_state_root("sbs")
-    root = next(roots)
-    cluster = etcd_fixture.start_cluster()
-    gw_port = free_port()
-    log = open(root / "gateway.log", "ab")  # noqa: SIM115 (the child keeps it)
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "sandboxd", "gateway", "--cluster", cluster.url,
-         "--port", str(gw_port), "--lease-ttl", str(TTL)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    log.close()
-    f = SharedFleet(cluster, root, {}, f"http://127.0.0.1:{gw_port}", gateway)
-    try:
-        wait_for(lambda: _answers(f.gateway_url), timeout=15)
-        for name in ("a", "b", "c"):
-            port = free_port()
-            f.nodes[name] = start_host(
-                root / name, port, warm=0, extra_args=f.node_args(name, port)
-            )
-        wait_for(lambda: {"a", "b", "c"} <= nodes_in_fleet(",".join(cluster.endpoints)), timeout=15)
-        yield f
-    finally:
-        for name, h in list(f.nodes.items()):
-            if h.proc.poll() is not None:  # killed by a test that stopped midway
-                with contextlib.suppress(Exception):
-                    f.start_node(name, int(h.url.rsplit(":", 1)[1]))
-        for h in f.nodes.values():
-            with contextlib.suppress(Exception):
-                _end_all(h)
-            stop_process(h.proc)
-        stop_process(gateway)
-        etcd_fixture.stop_cluster(cluster)
-        for log_file in root.glob("*.log"):
-            said = [x for x in log_file.read_text(errors="replace").splitlines() if "http" not in x]
-            sys.stderr.write(f"--- {log_file.name}\n" + "\n".join(said[-40:]) + "\n")
-        with contextlib.suppress(StopIteration):
-            next(roots)
+    yield from run_fleet(SharedFleet, "sbs", ("a", "b", "c"))  # type: ignore[misc]
 
 
 def _sdk(fleet: Fleet) -> dict[str, Any]:
