@@ -360,19 +360,24 @@ class _Forward(asyncssh.SSHServerSession):  # type: ignore[misc]
 
     # --- user -> sandbox ---
 
+    # No callback here may raise: asyncssh answers an exception in one by
+    # closing the user's whole connection, output still buffered for it included.
+
     def data_received(self, data: bytes, datatype: Any) -> None:
         if self.upstream is None:
             self._early.append((data, datatype))
             if self.chan is not None and len(self._early) > 64:
                 self.chan.pause_reading()  # the inner channel is not open yet
             return
-        self.upstream.write(data, datatype)
+        with contextlib.suppress(OSError):  # the inner channel closed: input has nowhere to go
+            self.upstream.write(data, datatype)
 
     def eof_received(self) -> bool:
         if self.upstream is None:
             self._early_eof = True
         else:
-            self.upstream.write_eof()
+            with contextlib.suppress(OSError):
+                self.upstream.write_eof()
         return True  # half-close: the command's output may still come
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
@@ -416,7 +421,8 @@ class _Upstream(asyncssh.SSHClientSession):  # type: ignore[misc]
 
     def data_received(self, data: bytes, datatype: Any) -> None:
         if self.down.chan is not None:
-            self.down.chan.write(data, datatype)
+            with contextlib.suppress(OSError):  # the user went away
+                self.down.chan.write(data, datatype)
 
     def eof_received(self) -> bool:
         if self.down.chan is not None:
