@@ -27,8 +27,13 @@ from .test_host import _cleanup, assert_gone, make_state_root, start_host
 from .test_host_gvisor import _runsc_list, _runsc_processes
 from .test_host_gvisor import runsc as runsc  # the fixture, on this module's state_root
 
-# A counter kept in the shell's memory, written out at each step.
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
+# A counter kept in the shell's memory, written out at each step. Written
+# beside and renamed over: `echo > file` truncates first, and a reader that
+# came in between would see an empty file (it did, once, in CI).
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new;"
+    " mv /tmp/count.new /tmp/count; sleep 0.2; done"
+)
 # A value that exists only in this process's memory; said again at each line on stdin.
 SECRET = (
     "import os, sys\n"
