@@ -409,12 +409,21 @@ class _Forward(asyncssh.SSHServerSession):  # type: ignore[misc]
 
 
 class _Upstream(asyncssh.SSHClientSession):  # type: ignore[misc]
-    """The inner channel's side: what the sandbox says goes back to the user."""
+    """The inner channel's side: what the sandbox says goes back to the user.
+
+    The inner exit status is passed on only when the inner channel has closed.
+    asyncssh handles an ``exit-status`` request the moment it arrives, while
+    data that came before it may still wait in the channel's buffer (reading
+    is paused whenever the user reads slower than the sandbox writes); ending
+    the user's channel then would drop that data. The channel's close is
+    delivered after its last data, so the status goes out behind the output.
+    """
 
     def __init__(self, down: _Forward) -> None:
         self.down = down
         self.chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._ended = False
+        self._status: int | None = None
+        self._signal: tuple[str, bool, str, str] | None = None
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
         self.chan = chan
@@ -439,18 +448,19 @@ class _Upstream(asyncssh.SSHClientSession):  # type: ignore[misc]
             self.down.chan.resume_reading()
 
     def exit_status_received(self, status: int) -> None:
-        self._ended = True
-        if self.down.chan is not None:
-            with contextlib.suppress(OSError):
-                self.down.chan.exit(status)
+        self._status = status  # passed on at connection_lost, behind the output
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
-        self._ended = True
-        if self.down.chan is not None:
-            with contextlib.suppress(OSError):
-                self.down.chan.exit_with_signal(signal, core_dumped, msg, lang)
+        self._signal = (signal, core_dumped, msg, lang)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.down.chan is not None and not self._ended:
-            with contextlib.suppress(OSError):
-                self.down.chan.exit(255)  # the inner channel went away without a status
+        chan = self.down.chan
+        if chan is None:
+            return
+        with contextlib.suppress(OSError):  # the user went away first
+            if self._signal is not None:
+                chan.exit_with_signal(*self._signal)
+            elif self._status is not None:
+                chan.exit(self._status)
+            else:
+                chan.exit(255)  # the inner channel went away without a status
