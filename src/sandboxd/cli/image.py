@@ -18,10 +18,9 @@ from pathlib import Path
 from types import FrameType
 
 from ..config import env
-from .common import human_bytes, human_duration, print_table
+from .common import HOST_STATE_DIR, add_host_state_dir, human_bytes, human_duration, print_table
 
-DEFAULT_IMAGES = "/var/lib/sandboxd-host/images"
-DEFAULT_STATE_DIR = "/var/lib/sandboxd-host"
+DEFAULT_IMAGES = f"{HOST_STATE_DIR}/images"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -133,14 +132,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         help="remove images no live sandbox, snapshot or pool uses (never the default), "
         "and leftovers of interrupted pulls",
     )
-    pr.add_argument(
-        "--state-dir",
-        type=Path,
-        default=env("SANDBOXD_HOST_STATE_DIR", DEFAULT_STATE_DIR),
-        metavar="DIR",
-        help="the host's state dir, whose records say what is in use "
-        f"[SANDBOXD_HOST_STATE_DIR] (default {DEFAULT_STATE_DIR})",
-    )
+    add_host_state_dir(pr, "the host's state dir, whose records say what is in use")
     pr.add_argument("--dry-run", action="store_true", help="only say what would go")
     p.set_defaults(run=run)
     return p
