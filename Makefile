@@ -73,7 +73,7 @@ ts-sdk: venv
 
 test: venv host-deps image ts-sdk
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Benchmarks against the limits and the real peers (never part of `make test`).
 bench: venv

@@ -1,14 +1,20 @@
-"""A fleet of hosts (issue 19): the gateway's overhead, and how fast a lost node is seen.
+"""A fleet of hosts (issue 19): the gateway's overhead, creates per second, a lost node.
 
-A three-member etcd on loopback (Debian's ``etcd-server``), two
+A three-member etcd on loopback (Debian's ``etcd-server``), three
 ``sandboxd host --cluster`` nodes (``--warm 0 --no-net``, lease TTL 2 s) and a
 ``sandboxd gateway``, next to a lone ``sandboxd host`` (no ``--cluster``) on
-the same image store. Two rows:
+the same image store. Four rows:
 
 - ``fleet_create``: the official SDK's ``Sandbox.create()`` until
   ``run("echo")`` returned, through the gateway (placed on a node, every
   later call forwarded to it), against the same on the lone host,
   interleaved.
+- ``fleet_creates_1`` and ``fleet_creates_3``: creates per second through the
+  gateway, :data:`BURST` cold creates (``wait``: answered once running; no
+  warm spares) :data:`AT_ONCE` at a time, with one node taking placements (the
+  other two drained) and with all three; each against the same burst on the
+  lone host, in the same run. All on one machine: three nodes share its cores,
+  so the ratio shows the fleet's overhead more than its scaling.
 - ``fleet_node_lost``: SIGKILL a node's host process with a sandbox on it,
   until the gateway reports that sandbox ``terminated`` with
   ``node_lost``; the reference is the same kill until etcd deleted the node's
@@ -32,11 +38,13 @@ from pathlib import Path
 from common import PYTHON, Ref, Row, free_port, median, not_measured, stop_process
 from ctx import Ctx
 
-KEYS = ["fleet_create", "fleet_node_lost"]
+KEYS = ["fleet_create", "fleet_creates_1", "fleet_creates_3", "fleet_node_lost"]
 NS = "/v1/namespaces/default/sandboxes"
 IMAGES = Path(__file__).resolve().parent.parent / "build" / "images"
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 TTL = 2  # the shortest --lease-ttl a node takes
+BURST, AT_ONCE = 24, 6  # creates per burst, and how many in flight at once
+NODES = ("n1", "n2", "n3")
 
 
 def _all_cpus() -> None:
@@ -93,6 +101,19 @@ class Etcd:
         r.raise_for_status()
         return int(r.json().get("count", 0)) > 0
 
+    def put(self, key: str, value: bytes | None) -> None:
+        """Through the JSON gateway: ``key`` set to ``value``, or deleted (None)."""
+        import httpx
+
+        k = base64.b64encode(key.encode()).decode()
+        base = f"http://127.0.0.1:{self.client[0]}/v3/kv/"
+        if value is None:
+            r = httpx.post(base + "deleterange", json={"key": k}, timeout=5)
+        else:
+            body = {"key": k, "value": base64.b64encode(value).decode()}
+            r = httpx.post(base + "put", json=body, timeout=5)
+        r.raise_for_status()
+
     def close(self) -> None:
         for p in self.procs:
             stop_process(p)
@@ -138,6 +159,9 @@ def _node(work: Path, name: str, etcd: Etcd) -> Proc:
     port = free_port()
     extra = ["--cluster", etcd.url, "--node", name, "--lease-ttl", str(TTL)]
     extra += ["--advertise", f"http://127.0.0.1:{port}", "--restart-grace", "0"]
+    # A burst fits on one node (a create in flight may count twice until it answers:
+    # its reservation and its record; placement.rooms).
+    extra += ["--slots", str(2 * BURST)]
     return Proc(_host_argv(work / name, extra), work / f"{name}.log", port)
 
 
@@ -158,6 +182,34 @@ def _terminate(url: str, sid: str) -> None:
     import httpx
 
     httpx.delete(f"{url}{NS}/{sid}", timeout=30)
+
+
+def _burst(url: str) -> float:
+    """BURST creates, AT_ONCE at a time, each answered once running: creates per second.
+
+    Every sandbox made is terminated after (not timed), also when some failed.
+    """
+    import concurrent.futures
+
+    import httpx
+
+    body = {"resources": {"cpus": 1.0, "memory_mb": 128}}
+    with httpx.Client(timeout=120) as c, concurrent.futures.ThreadPoolExecutor(AT_ONCE) as pool:
+        t0 = time.perf_counter()
+        answers = list(pool.map(lambda _: c.post(url + NS, json=body), range(BURST)))
+        took = time.perf_counter() - t0
+        made = [r.json()["sandbox_id"] for r in answers if r.status_code == 200]
+        list(pool.map(lambda sid: _terminate(url, sid), made))
+    failed = [r.text[:300] for r in answers if r.status_code != 200]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {BURST} creates failed: {failed[0]}")
+    return BURST / took
+
+
+def _drained(etcd: Etcd, nodes: tuple[str, ...]) -> None:
+    """Only the nodes not in ``nodes`` take placements (``sandboxd host drain``'s key)."""
+    for n in NODES:
+        etcd.put(f"/sandboxd/drain/{n}", b'{"since":0}' if n in nodes else None)
 
 
 def measure(ctx: Ctx) -> list[Row]:
@@ -188,13 +240,13 @@ def _measure(ctx: Ctx, work: Path) -> list[Row]:
     try:
         lone = Proc(_host_argv(work / "lone", []), work / "lone.log")
         procs.append(lone)
-        nodes = {n: _node(work, n, etcd) for n in ("n1", "n2")}
+        nodes = {n: _node(work, n, etcd) for n in NODES}
         procs += nodes.values()
         gw = Proc(["gateway", "--cluster", etcd.url, "--lease-ttl", str(TTL)], work / "gw.log")
         procs.append(gw)
         _wait(lambda: all(etcd.has_key(f"/sandboxd/nodes/{n}") for n in nodes), "nodes joined")
         took = time.perf_counter() - t0
-        ctx.log(f"fleet figure: etcd, two nodes, a gateway and a lone host up in {took:.0f} s")
+        ctx.log(f"fleet figure: etcd, three nodes, a gateway and a lone host up in {took:.0f} s")
         via_gw: list[float] = []
         alone: list[float] = []
         for i in range(ctx.n(7, 3)):
@@ -203,6 +255,19 @@ def _measure(ctx: Ctx, work: Path) -> list[Row]:
                 took, sid = _create(url)
                 (via_gw if side == "gw" else alone).append(took)
                 _terminate(url, sid)
+        # Creates per second: one node, three nodes, the lone host, in turns.
+        rates: dict[str, list[float]] = {"one": [], "three": [], "lone": []}
+        for _ in range(ctx.n(2, 1)):
+            for side in ("one", "lone", "three", "lone"):
+                if side == "lone":
+                    rates[side].append(_burst(lone.url))
+                    continue
+                _drained(etcd, NODES[1:] if side == "one" else ())
+                # The last burst's ends published (each node's mirror): its slots are free.
+                _wait(lambda: not httpx.get(gw.url + NS, timeout=10).json()["sandboxes"], "ends")
+                rates[side].append(_burst(gw.url))
+        _drained(etcd, ())
+        ctx.log(f"fleet figure: creates per second {rates}")
         # Node loss: a sandbox on n2, then n2's host SIGKILLed; polled every 10 ms.
         seen: list[float] = []
         lease: list[float] = []
@@ -240,6 +305,14 @@ def _measure(ctx: Ctx, work: Path) -> list[Row]:
             p.close()
         etcd.close()
     g50, l50 = median(via_gw), median(alone)
+    one, three, lone_rate = median(rates["one"]), median(rates["three"]), median(rates["lone"])
+    burst_note = (
+        f"{BURST} creates through the gateway, {AT_ONCE} at a time, each answered once "
+        "running (cold: no warm spares, --no-net, 128 MiB); the reference is the same burst "
+        "on the lone host, in turns with it. One machine (its cores shared by every node): "
+        "three nodes cannot create faster than the machine does, so this shows the fleet's "
+        "cost per create, not scale-out"
+    )
     s50, k50 = median(seen), median(lease)
     return [
         Row(
@@ -255,6 +328,26 @@ def _measure(ctx: Ctx, work: Path) -> list[Row]:
             ),
             samples=len(via_gw),
             detail={"gateway_ms": via_gw, "lone_ms": alone},
+        ),
+        Row(
+            "fleet_creates_1",
+            "creates per second through a fleet's gateway, one node taking placements",
+            "creates/s",
+            one,
+            refs=[Ref("the same burst on a lone host", lone_rate, "creates/s", one / lone_rate)],
+            note=burst_note + "; the other two nodes drained",
+            samples=len(rates["one"]),
+            detail={"rates": rates},
+        ),
+        Row(
+            "fleet_creates_3",
+            "creates per second through a fleet's gateway, three nodes",
+            "creates/s",
+            three,
+            refs=[Ref("the same burst on a lone host", lone_rate, "creates/s", three / lone_rate)],
+            note=burst_note + "; placed on the emptiest node each",
+            samples=len(rates["three"]),
+            detail={"rates": rates},
         ),
         Row(
             "fleet_node_lost",

@@ -1,13 +1,20 @@
 """What gVisor costs (``sandboxd host --runtime gvisor``), next to the default runtime.
 
-Two rows, each measured on a bubblewrap host and a gVisor host started side by
+Each row is measured on a bubblewrap host and two gVisor hosts started side by
 side (``--warm 0 --no-net``: a cold create, loopback only), with the official
-SDK in this process:
+SDK in this process: gVisor on its own network stack (netstack, the default)
+and on the host's stack in the sandbox's netns (``SANDBOXD_HOST_GVISOR_NETWORK=host``).
+The samples of the three hosts alternate, so they share the machine's minutes.
 
 - ``gvisor_create_cold``: ``Sandbox.create()`` until ``run("echo")`` returned:
   mostly the sandbox's daemon starting (Python imports) under the runtime.
 - ``gvisor_syscalls``: one syscall-heavy command, ``dd bs=1`` copying
   ``SYSCALL_BYTES`` bytes (two system calls a byte), timed around ``run()``.
+- ``gvisor_file_up`` / ``gvisor_file_down``: ``write_file`` / ``read_file`` of
+  ``FILE_MB`` MiB: every byte through the host's proxy and the sandbox's daemon
+  (over the private link under netstack).
+- ``gvisor_tunnel_rtt``: one byte there and back through ``create_tunnel`` to an
+  echo server inside, on an open connection (median of ``ECHOES``).
 
 gVisor runs on its ptrace platform here (the only one that works on this
 machine; see docs/gvisor.md for systrap and KVM on real hosts).
@@ -28,14 +35,40 @@ from ctx import Ctx
 from fig_host import host_unavailable
 
 NS = "/v1/namespaces/default/sandboxes"
-KEYS = ["gvisor_create_cold", "gvisor_syscalls"]
+KEYS = [
+    "gvisor_create_cold",
+    "gvisor_syscalls",
+    "gvisor_file_up",
+    "gvisor_file_down",
+    "gvisor_tunnel_rtt",
+]
 IMAGES = Path(__file__).resolve().parent.parent / "build" / "images"
 SYSCALL_BYTES = 20_000
 DD = f"dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null"
+FILE_MB = 64
+ECHOES = 30
+ECHO_PORT = 7100
+# An echo server on poll(2) (a server on epoll could not be memory-snapshotted).
+ECHO = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(8)\n"
+    "while True:\n"
+    "    c, _ = s.accept()\n"
+    "    while (b := c.recv(65536)):\n"
+    "        c.sendall(b)\n"
+    "    c.close()\n"
+)
+# The three hosts of a run: (name, runtime, SANDBOXD_HOST_GVISOR_NETWORK or None).
+HOSTS = [
+    ("bwrap", "bwrap", None),
+    ("netstack", "gvisor", "sandbox"),
+    ("hostinet", "gvisor", "host"),
+]
 
 
 class Host:
-    def __init__(self, runtime: str) -> None:
+    def __init__(self, runtime: str, env: dict[str, str] | None = None) -> None:
         self.state = Path(tempfile.mkdtemp(prefix="sbgb", dir="/tmp"))
         self.state.chmod(0o711)
         port = free_port()
@@ -44,7 +77,11 @@ class Host:
         argv += ["--state-dir", str(self.state / "s"), "--log-level", "warning"]
         argv += ["--images", str(IMAGES), "--no-net", "--runtime", runtime]
         cpus = set(range(os.cpu_count() or 1))
-        self.proc = subprocess.Popen(argv, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        self.proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **(env or {})},
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )
         import httpx
 
         deadline = time.monotonic() + 20
@@ -63,8 +100,37 @@ class Host:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-def _sample(url: str) -> tuple[float, float]:
-    """(create → first command, the syscall-heavy command), in ms."""
+def _echo_rtt(sbx: Any) -> float:
+    """Median ms of one byte there and back through the SDK's tunnel, on one connection."""
+    import socket
+
+    sbx.start_process("python3", args=["-c", ECHO, str(ECHO_PORT)])
+    deadline = time.monotonic() + 60
+    with sbx.create_tunnel(ECHO_PORT, local_port=0) as tunnel:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", tunnel.local_port), 10) as c:
+                    c.settimeout(10)
+                    c.sendall(b"x")
+                    if c.recv(1) != b"x":
+                        raise OSError("no echo")
+                    times = []
+                    for _ in range(ECHOES):
+                        t0 = time.perf_counter()
+                        c.sendall(b"x")
+                        if c.recv(1) != b"x":
+                            raise RuntimeError("the echo through the tunnel went wrong")
+                        times.append((time.perf_counter() - t0) * 1000)
+                    return median(times)
+            except OSError:
+                # The server inside is still starting (Python under ptrace: about 2 s).
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def _sample(url: str) -> tuple[float, float, float, float, float]:
+    """(create → first command, the syscall-heavy command, upload, download, echo), in ms."""
     from tensorlake.sandbox import Sandbox
 
     t0 = time.perf_counter()
@@ -77,9 +143,19 @@ def _sample(url: str) -> tuple[float, float]:
         heavy = (time.perf_counter() - t1) * 1000
         if r.exit_code != 0:
             raise RuntimeError(f"dd failed in the sandbox: {r.stderr}")
+        body = os.urandom(FILE_MB << 20)
+        t2 = time.perf_counter()
+        sbx.write_file("/root/blob.bin", body)
+        up = (time.perf_counter() - t2) * 1000
+        t3 = time.perf_counter()
+        back = sbx.read_file("/root/blob.bin").value
+        down = (time.perf_counter() - t3) * 1000
+        if back != body:
+            raise RuntimeError("the file read back differs from the one written")
+        rtt = _echo_rtt(sbx)
     finally:
         sbx.terminate()
-    return first, heavy
+    return first, heavy, up, down, rtt
 
 
 def measure(ctx: Ctx) -> list[Row]:
@@ -89,49 +165,76 @@ def measure(ctx: Ctx) -> list[Row]:
     if why:
         return [not_measured(k, k, "ms", "", why) for k in KEYS]
     n = ctx.n(5, 2)
-    results: dict[str, tuple[list[float], list[float]]] = {}
-    for runtime in ("bwrap", "gvisor"):
-        host = Host(runtime)
-        try:
-            samples = [_sample(host.url) for _ in range(n)]
-        finally:
-            host.close()
-        results[runtime] = ([s[0] for s in samples], [s[1] for s in samples])
-        ctx.log(f"gvisor figure: {runtime} done")
+    hosts: dict[str, Host] = {}
+    results: dict[str, list[tuple[float, ...]]] = {name: [] for name, _, _ in HOSTS}
+    try:
+        for name, runtime, net in HOSTS:
+            hosts[name] = Host(runtime, {gvisor.NETWORK_ENV: net} if net else None)
+        for i in range(n):  # interleaved: each host's samples in the same minutes
+            for name, _, _ in HOSTS:
+                results[name].append(_sample(hosts[name].url))
+            ctx.log(f"gvisor figure: round {i + 1}/{n} done")
+    finally:
+        for h in hosts.values():
+            h.close()
     platform = gvisor.DEFAULT_PLATFORM
     rows = []
-    for i, key, figure, note in (
+    specs = (
         (
-            0,
             "gvisor_create_cold",
             f"gVisor ({platform}): create → first command, no spare",
             "sandboxd host --runtime gvisor --warm 0; the daemon's Python start-up runs "
             "under the Sentry; with --warm (the default 1) a spare hides it",
         ),
         (
-            1,
             "gvisor_syscalls",
             f"gVisor ({platform}): a syscall-heavy command ({2 * SYSCALL_BYTES} syscalls)",
             f"`{DD}` timed around the SDK's run(); most of it is the ptrace platform's "
             "cost per system call",
         ),
-    ):
-        gv, bw = results["gvisor"][i], results["bwrap"][i]
-        p50, ref = median(gv), median(bw)
+        (
+            "gvisor_file_up",
+            f"gVisor ({platform}): write_file of {FILE_MB} MiB",
+            "through the host's proxy to the sandbox's daemon",
+        ),
+        (
+            "gvisor_file_down",
+            f"gVisor ({platform}): read_file of {FILE_MB} MiB",
+            "through the host's proxy from the sandbox's daemon",
+        ),
+        (
+            "gvisor_tunnel_rtt",
+            f"gVisor ({platform}): one byte there and back through create_tunnel",
+            f"median of {ECHOES} on one open connection to an echo server inside",
+        ),
+    )
+    for i, (key, figure, note) in enumerate(specs):
+        gv = [s[i] for s in results["netstack"]]
+        hi = [s[i] for s in results["hostinet"]]
+        bw = [s[i] for s in results["bwrap"]]
+        p50 = median(gv)
+        refs = [
+            Ref(f"gVisor, {gvisor.NETWORK_ENV}=host", median(hi), "ms", _ratio(p50, median(hi))),
+            Ref("bubblewrap (default runtime)", median(bw), "ms", _ratio(p50, median(bw))),
+        ]
         rows.append(
             Row(
                 key,
-                figure,
+                figure + " (netstack, the default)",
                 "ms",
                 p50,
                 p99=percentile(gv, 99),
-                refs=[Ref("bubblewrap (default runtime)", ref, "ms", p50 / ref if ref else None)],
+                refs=refs,
                 note=note,
                 samples=len(gv),
-                detail={"gvisor_ms": gv, "bwrap_ms": bw},
+                detail={"netstack_ms": gv, "hostinet_ms": hi, "bwrap_ms": bw},
             )
         )
     return rows
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def profile(ctx: Ctx, key: str) -> bool:

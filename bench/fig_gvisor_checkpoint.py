@@ -1,7 +1,7 @@
 """gVisor memory snapshots and suspend to disk (issue 21), each beside a reference.
 
-A gVisor host on gVisor's own network stack (``SANDBOXD_HOST_GVISOR_NETWORK=sandbox``,
-the only mode runsc can save) and a bubblewrap host, both ``--warm 0 --no-net``,
+A gVisor host on gVisor's own network stack (its default: no
+``SANDBOXD_HOST_GVISOR_NETWORK``; the only mode runsc can save) and a bubblewrap host, both ``--warm 0 --no-net``,
 driven with the official SDK from this process. Each sample's sandbox runs a
 Python process holding ``HELD_MB`` MB of random bytes (incompressible: the
 worst case for the snapshot's size).
@@ -52,9 +52,13 @@ HOLD = (
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (None: unset) for the block."""
     old = os.environ.get(name)
-    os.environ[name] = value
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
@@ -230,7 +234,7 @@ def measure(ctx: Ctx) -> list[Row]:
     if why:
         return [not_measured(k, k, "", "", why) for k in KEYS]
     n = ctx.n(3, 1)
-    with _env(gvisor.NETWORK_ENV, gvisor.NETSTACK):
+    with _env(gvisor.NETWORK_ENV, None):  # gVisor's own network stack: the default
         host = Host("gvisor")
     try:
         gv = []
@@ -278,7 +282,7 @@ def measure(ctx: Ctx) -> list[Row]:
             "filesystem checkpoint of the same sandbox",
             col(gv, "fs_ms"),
             "checkpoint(checkpoint_type=MEMORY): runsc saves, zstd, the layer archived, "
-            "restored in place; SANDBOXD_HOST_GVISOR_NETWORK=sandbox",
+            "restored in place; gVisor's own network stack (the default)",
         ),
         row(
             "gvisor_mem_snapshot_size",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -46,6 +47,7 @@ class Fleet:
     nodes: dict[str, Host]
     gateway_url: str
     gateway: subprocess.Popen[bytes]
+    GATEWAY_ARGS: ClassVar[tuple[str, ...]] = ()  # more flags for `sandboxd gateway`
 
     def node_args(self, name: str, port: int) -> list[str]:
         return [
@@ -73,6 +75,19 @@ def nodes_in_fleet(url: str) -> set[str]:
     return {line.rsplit("/", 1)[-1] for line in r.stdout.split() if line}
 
 
+def hop_header(fleet: Fleet, token: str | None = None) -> dict[str, str]:
+    """The header a front puts on what it forwards, from the fleet's secret in etcd."""
+    from sandboxd.fleet.front import HOP, HOP_SECRET, hop_value
+
+    r = subprocess.run(
+        [etcd_fixture.ETCDCTL, "--endpoints", ",".join(fleet.etcd.endpoints), "get",
+         "--print-value-only", HOP_SECRET],
+        capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    return {HOP: hop_value(token, json.loads(r.stdout)["secret"])}
+
+
 def run_fleet(
     kind: type[Fleet], prefix: str, names: tuple[str, ...]
 ) -> Iterator[Fleet]:
@@ -87,7 +102,7 @@ def run_fleet(
     log = open(root / "gateway.log", "ab")  # noqa: SIM115 (the child keeps it)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "sandboxd", "gateway", "--cluster", cluster.url,
-         "--port", str(gw_port), "--lease-ttl", str(TTL)],
+         "--port", str(gw_port), "--lease-ttl", str(TTL), *kind.GATEWAY_ARGS],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     log.close()
@@ -356,6 +371,40 @@ def test_a_drained_node_takes_no_placements_and_keeps_its_sandboxes(fleet: Fleet
     back = create(gw).json()["sandbox_id"]
     assert describe(gw, back)["node"] in ("a", "b")
     terminate(gw, back)
+
+
+def test_a_computed_hop_mark_does_not_skip_placement(fleet: Fleet) -> None:
+    """This fleet has no token: a mark derived from the token alone is anyone's to compute.
+
+    A raw client sends a create straight to a drained node with such marks (as
+    a front would mark a create it placed there); the node places it as a front,
+    elsewhere, because only the fleet's own mark (from its secret in etcd) counts.
+    """
+    import hashlib
+    import hmac
+
+    from sandboxd.fleet.front import HOP, hop_value
+
+    computed = [
+        hmac.new(b"", b"sandboxd-fleet-hop", hashlib.sha256).hexdigest(),  # the token's alone
+        hop_value(None),  # the derivation, without the fleet's secret
+    ]
+    gw = fleet.gateway_url
+    target = fleet.nodes["a"].url
+    assert "draining" in drain(fleet, "a")
+    try:
+        for mark in computed:
+            r = httpx.post(target + NS, json={}, headers={HOP: mark}, timeout=60)
+            assert r.status_code == 200, r.text
+            sid = r.json()["sandbox_id"]
+            try:
+                assert describe(gw, sid)["node"] == "b"
+            finally:
+                terminate(gw, sid)
+        # The real mark (read from etcd, as the fronts do) is what a node obeys.
+        assert hop_header(fleet)[HOP] not in computed
+    finally:
+        drain(fleet, "a", undo=True)
 
 
 def test_sse_and_an_exposed_port_of_a_sandbox_on_another_node(fleet: Fleet) -> None:

@@ -1,8 +1,9 @@
 """Memory snapshots and suspend to disk on ``sandboxd host --runtime gvisor`` (checkpoint.py).
 
 Through the official SDK against real hosts whose gVisor sandboxes run on
-gVisor's own network stack (``SANDBOXD_HOST_GVISOR_NETWORK=sandbox``: the
-only one runsc can save). Few tests, each doing much: gVisor runs on its
+gVisor's own network stack (the only one runsc can save), a gVisor host's
+default: the hosts here get no ``SANDBOXD_HOST_GVISOR_NETWORK`` but the one
+that keeps the ``host`` opt-out honest. Few tests, each doing much: gVisor runs on its
 ptrace platform here, and every restore starts a Sentry. Each leaves no runsc
 container and no runsc process behind.
 """
@@ -24,7 +25,7 @@ from sandboxd.host.snapshots import Snapshots
 
 from .conftest import wait_for
 from .test_host import _cleanup, assert_gone, make_state_root, start_host
-from .test_host_gvisor import _runsc_list, _runsc_processes
+from .test_host_gvisor import _network_of, _runsc_list, _runsc_processes
 from .test_host_gvisor import runsc as runsc  # the fixture, on this module's state_root
 
 # A counter kept in the shell's memory, written out at each step. Written
@@ -62,13 +63,20 @@ def state_root() -> Iterator[Path]:
 
 @pytest.fixture
 def netstack(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(gvisor.NETWORK_ENV, gvisor.NETSTACK)
+    """gVisor's own network stack, as a host gets it by default: the variable unset."""
+    monkeypatch.delenv(gvisor.NETWORK_ENV, raising=False)
 
 
 def _count(sbx: Any) -> int:
     r = sbx.run("cat", args=["/tmp/count"])
     assert r.exit_code == 0, r.stderr
     return int(r.stdout.strip())
+
+
+def _counted(sbx: Any, at_least: int) -> bool:
+    """Whether the counter has reached ``at_least`` (False before its first write)."""
+    r = sbx.run("cat", args=["/tmp/count"])
+    return r.exit_code == 0 and int(r.stdout.strip() or 0) >= at_least
 
 
 def _start_work(sbx: Any) -> tuple[int, int, str]:
@@ -78,7 +86,7 @@ def _start_work(sbx: Any) -> tuple[int, int, str]:
     counter = sbx.start_process("sh", args=["-c", COUNTER])
     holder = sbx.start_process("python3", args=["-c", SECRET], stdin_mode=StdinMode.PIPE)
     wait_for(lambda: len(sbx.get_stdout(holder.pid).lines) == 1, timeout=60)
-    wait_for(lambda: _count(sbx) >= 5, timeout=60)
+    wait_for(lambda: _counted(sbx, 5), timeout=60)
     return counter.pid, holder.pid, sbx.get_stdout(holder.pid).lines[0]
 
 
@@ -275,8 +283,11 @@ def test_suspend_to_disk_frees_memory_and_survives_a_host_restart(
 def test_the_host_network_stack_refuses_memory_snapshots_and_suspends_by_freezer(
     state_root: Path, runsc: str
 ) -> None:
-    """SANDBOXD_HOST_GVISOR_NETWORK=host (the default): runsc cannot save hostinet."""
+    """SANDBOXD_HOST_GVISOR_NETWORK=host (the opt-out): runs, but runsc cannot save hostinet."""
+    import httpx
     from tensorlake.sandbox import CheckpointType, Sandbox, SandboxError
+
+    from .test_host import NS
 
     state = state_root / "h"
     host = start_host(
@@ -287,13 +298,35 @@ def test_the_host_network_stack_refuses_memory_snapshots_and_suspends_by_freezer
     )
     try:
         sbx = Sandbox.create(name="gv-hostinet", memory_mb=512, api_url=host.url, api_key=None)
+        assert _network_of(state, sbx.sandbox_id) == gvisor.HOSTINET
+        assert sbx.run("sh", args=["-c", "echo $((6*7))"]).stdout.strip() == "42"
         with pytest.raises(SandboxError, match=f"{gvisor.NETWORK_ENV}={gvisor.NETSTACK}"):
             sbx.checkpoint(checkpoint_type=CheckpointType.MEMORY)
+        # Its code, and a message naming the setting that enables memory snapshots.
+        url = f"{host.url}{NS}/{sbx.sandbox_id}/snapshot"
+        r = httpx.post(url, json={"snapshot_type": "memory"}, timeout=30)
+        assert (r.status_code, r.json()["code"]) == (400, "UNSUPPORTED_SNAPSHOT_TYPE"), r.text
+        why = r.json()["error"]
+        assert f"{gvisor.NETWORK_ENV}={gvisor.HOSTINET}" in why and "unset" in why, why
+        assert not (state / "snapshots").exists() or not list((state / "snapshots").iterdir())
         assert sbx.status.value == "running"
         sbx.suspend()  # the freezer: memory stays, the sandbox comes back as it was
         assert sbx.status.value == "suspended"
+        assert _runsc_processes(state), "frozen, not saved: runsc's processes stay"
+        assert not (
+            state / "sandboxes" / sbx.sandbox_id / gvisor.BUNDLE / gvisor.SUSPENDED_IMAGE
+        ).exists()
         sbx.resume()
         assert sbx.run("echo", args=["back"]).stdout.strip() == "back"
+        # The host restarts with the default: the sandbox keeps the stack it started on.
+        port = int(host.url.rsplit(":", 1)[1])
+        host.stop()
+        host = start_host(state, port=port, warm=0, extra_args=["--no-net", "--runtime", "gvisor"])
+        sbx = Sandbox.connect(sbx.sandbox_id, api_url=host.url, api_key=None)
+        assert sbx.run("echo", args=["still"]).stdout.strip() == "still"
+        assert _network_of(state, sbx.sandbox_id) == gvisor.HOSTINET
+        r = httpx.post(url, json={"snapshot_type": "memory"}, timeout=30)
+        assert (r.status_code, r.json()["code"]) == (400, "UNSUPPORTED_SNAPSHOT_TYPE"), r.text
     finally:
         _cleanup(host)
         host.stop()

@@ -16,6 +16,7 @@ from ..config import env
 if TYPE_CHECKING:
     from ..fleet.join import ClusterOptions
     from ..fleet.store import Tls
+    from ..host.domain import PublicUrl
 
 
 def _ttl(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,8 @@ def _ttl(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _tls(p: argparse.ArgumentParser) -> None:
+def add_etcd_tls(p: argparse.ArgumentParser) -> None:
+    """``--etcd-ca``, ``--etcd-cert``, ``--etcd-key``: for every command that talks to etcd."""
     p.add_argument(
         "--etcd-ca",
         type=Path,
@@ -51,6 +53,9 @@ def _tls(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="its private key (PEM) [SANDBOXD_ETCD_KEY]",
     )
+
+
+_tls = add_etcd_tls  # the name other modules of this package import
 
 
 def tls_of(ns: argparse.Namespace, prog: str) -> Tls | None:
@@ -115,7 +120,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         "at the same path on every node: a filesystem snapshot then restores on any node "
         "[SANDBOXD_SNAPSHOT_DIR] (default: in the state dir, restored on this node only)",
     )
-    _tls(p)
+    add_etcd_tls(p)
 
 
 def cluster_options(ns: argparse.Namespace) -> ClusterOptions | None:
@@ -160,8 +165,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=env("SANDBOXD_HOST_TOKEN"),
         help="the fleet's token, the same as its nodes' [SANDBOXD_HOST_TOKEN]",
     )
+    p.add_argument(
+        "--public-url",
+        default=env("SANDBOXD_HOST_PUBLIC_URL"),
+        metavar="URL",
+        help="domain mode for the whole fleet: https://sandbox.<domain>, as its nodes have it "
+        "(docs/fleet.md) [SANDBOXD_HOST_PUBLIC_URL]",
+    )
+    p.add_argument(
+        "--ssh-port",
+        type=int,
+        default=env("SANDBOXD_GATEWAY_SSH_PORT", "0") or "0",
+        metavar="PORT",
+        help="serve SSH into the fleet's sandboxes on this port of --host: "
+        "`ssh -p PORT SANDBOX@HOST`; keys: `sandboxd host ssh-keys --cluster` "
+        "[SANDBOXD_GATEWAY_SSH_PORT] (default 0: off)",
+    )
     _ttl(p)
-    _tls(p)
+    add_etcd_tls(p)
     p.add_argument(
         "--log-level",
         default=env("SANDBOXD_LOG_LEVEL", "info"),
@@ -177,6 +198,14 @@ def run_gateway(ns: argparse.Namespace) -> int:
         raise SystemExit("sandboxd gateway: --cluster etcd://HOST:PORT[,...] is required")
     token = ns.token or None
     os.environ.pop("SANDBOXD_HOST_TOKEN", None)
+    public_url = None
+    if ns.public_url:
+        from ..host.domain import PublicUrl
+
+        try:
+            public_url = PublicUrl.parse(ns.public_url)
+        except ValueError as exc:
+            raise SystemExit(f"sandboxd gateway: {exc}") from None
     setup_logging(ns.log_level, "text", secrets=[token])
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
@@ -187,13 +216,22 @@ def run_gateway(ns: argparse.Namespace) -> int:
                 token,
                 int(ns.lease_ttl),
                 tls_of(ns, "sandboxd gateway"),
+                public_url,
+                int(ns.ssh_port),
             )
         )
     return 0
 
 
 async def _serve_gateway(
-    cluster: str, host: str, port: int, token: str | None, ttl: int, tls: Tls | None
+    cluster: str,
+    host: str,
+    port: int,
+    token: str | None,
+    ttl: int,
+    tls: Tls | None,
+    public_url: PublicUrl | None = None,
+    ssh_port: int = 0,
 ) -> None:
     from aiohttp import web
 
@@ -207,11 +245,23 @@ async def _serve_gateway(
     except ValueError as exc:
         raise SystemExit(f"sandboxd gateway: {exc}") from None
     sock = listen(host, port)
-    runner = web.AppRunner(create_gateway_app(cluster, token, ttl, tls=tls), access_log=None)
+    app = create_gateway_app(cluster, token, ttl, tls=tls, public_url=public_url)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     harden(runner)
     await web.SockSite(runner, sock).start()
+    ssh = None
+    if ssh_port:  # fleet/sshfront.py: keys and host key from etcd
+        from ..fleet.sshfront import start_fleet_gateway
+
+        try:
+            ssh = await start_fleet_gateway(cluster, tls, token, host, ssh_port)
+        except BaseException:
+            await runner.cleanup()
+            raise
     print(f"sandboxd gateway: serving the fleet on http://{host}:{port}", flush=True)
+    if public_url is not None:  # domain mode: what a client on another machine sets
+        print(f"  export TENSORLAKE_API_URL={public_url.api_url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -219,6 +269,8 @@ async def _serve_gateway(
     try:
         await stop.wait()
     finally:
+        if ssh is not None:
+            await ssh.close()
         await runner.cleanup()
 
 
@@ -231,14 +283,27 @@ def add_drain(host: argparse.ArgumentParser) -> None:
     sub = subs[0] if subs else host.add_subparsers(dest="host_cmd", metavar="COMMAND")
     p = sub.add_parser(
         "drain",
-        help="take no new placements on a node of the fleet; its sandboxes run on",
+        help="take no new placements on a node of the fleet; its sandboxes run on, or move",
         description="Mark NODE as draining in the fleet's etcd: creates go to other nodes; "
-        "running sandboxes stay until they end. --undo puts it back in service.",
+        "running sandboxes stay until they end, or with --move go to other nodes by a "
+        "filesystem snapshot (their processes restart). --undo puts it back in service.",
     )
     p.add_argument("drain_node", metavar="NODE")
     p.add_argument("--cluster", default=env("SANDBOXD_CLUSTER"), metavar="etcd://H:P,...")
     p.add_argument("--undo", action="store_true", help="take placements again")
-    _tls(p)
+    p.add_argument(
+        "--move",
+        action="store_true",
+        help="then move each of its sandboxes to another node with room, keeping its id and "
+        "name (the nodes need one shared --snapshot-dir); one line per sandbox, exit 1 if "
+        "any could not move (it runs on where it was)",
+    )
+    p.add_argument(
+        "--token",
+        default=env("SANDBOXD_HOST_TOKEN"),
+        help="the fleet's token, for --move to ask the nodes [SANDBOXD_HOST_TOKEN]",
+    )
+    add_etcd_tls(p)
     p.set_defaults(run=run_drain)
 
 
@@ -249,6 +314,11 @@ def run_drain(ns: argparse.Namespace) -> int:
     if not ns.cluster:
         sys.stderr.write("sandboxd host drain: --cluster etcd://HOST:PORT[,...] is required\n")
         return 2
+    if ns.move:
+        if ns.undo:
+            sys.stderr.write("sandboxd host drain: --move and --undo do not go together\n")
+            return 2
+        return _drain_and_move(ns)
     try:
         tls = tls_of(ns, "sandboxd host drain")
         known = asyncio.run(set_draining(ns.cluster, ns.drain_node, not ns.undo, tls))
@@ -259,3 +329,35 @@ def run_drain(ns: argparse.Namespace) -> int:
     note = "" if known else " (no such node is in the fleet now; the mark waits for it)"
     print(f"node {ns.drain_node}: {state}{note}")
     return 0
+
+
+def _drain_and_move(ns: argparse.Namespace) -> int:
+    """``drain NODE --move``: one line per sandbox as it settles; 1 if any failed to move."""
+    from ..fleet.front import fleet_hop
+    from ..fleet.move import Outcome, drain_and_move
+    from ..fleet.store import Etcd, Unavailable
+
+    node = ns.drain_node
+    token = ns.token or None
+
+    def report(o: Outcome) -> None:
+        print(o.line(node), flush=True)
+
+    async def run() -> list[Outcome]:
+        etcd = Etcd(ns.cluster, tls_of(ns, "sandboxd host drain"))
+        try:
+            print(f"node {node}: draining: no new placements; moving its sandboxes", flush=True)
+            hop = await fleet_hop(etcd, token)
+            return await drain_and_move(etcd, node, hop, token, report)
+        finally:
+            await etcd.close()
+
+    try:
+        outcomes = asyncio.run(run())
+    except (Unavailable, ValueError) as exc:
+        sys.stderr.write(f"sandboxd host drain: {getattr(exc, 'message', exc)}\n")
+        return 1
+    failed = [o for o in outcomes if o.failed is not None]
+    moved = sum(o.moved_to is not None for o in outcomes)
+    print(f"node {node}: {moved} moved, {len(failed)} failed, {len(outcomes)} in all", flush=True)
+    return 1 if failed else 0

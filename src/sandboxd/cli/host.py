@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..config import env
+from .common import add_host_state_dir
 
 if TYPE_CHECKING:
     from ..fleet.join import ClusterOptions
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
     from ..host.tls import ReloadingTls
 
 log = logging.getLogger("sandboxd.host")
-
-DEFAULT_STATE_DIR = "/var/lib/sandboxd-host"
-
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -53,13 +51,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
         default=env("SANDBOXD_HOST_PORT", "8900"),
         help="TCP port [SANDBOXD_HOST_PORT] (default 8900)",
     )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=env("SANDBOXD_HOST_STATE_DIR", DEFAULT_STATE_DIR),
-        metavar="DIR",
-        help=f"records and per-sandbox dirs [SANDBOXD_HOST_STATE_DIR] (default {DEFAULT_STATE_DIR})",
-    )
+    add_host_state_dir(p, "records and per-sandbox dirs")
     p.add_argument(
         "--images",
         type=Path,
@@ -268,13 +260,17 @@ async def serve(
     from . import hostssh
 
     try:
-        gateway = await hostssh.start_gateway(manager, host, ssh_port, state_dir)
+        gateway = await hostssh.start_gateway(
+            manager, host, ssh_port, state_dir, cluster, token or None
+        )
     except BaseException:
         await runner.cleanup()
         raise
     scheme = "https" if tls else "http"
     log.info("sandboxd host listening on %s://%s:%d (state in %s)", scheme, host, port, state_dir)
-    print(client_environment(scheme, port, token, public_url, _has_keys(state_dir)), flush=True)
+    # In a fleet the keys are etcd's (fleet/apikeys.py), read when the front started.
+    has_keys = joined.front.keys.in_use() if joined is not None else _has_keys(state_dir)
+    print(client_environment(scheme, port, token, public_url, has_keys), flush=True)
     if not token and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening beyond loopback without --token: anyone who can connect can run code"

@@ -2,6 +2,8 @@
 
 They edit the host's state dir directly (run them as the user that runs the
 host, on its machine); a running host sees the change on its next request.
+With ``--cluster etcd://...`` they edit a fleet's keys in etcd instead
+(fleet/apikeys.py), which every node and gateway of the fleet takes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from .common import add_host_state_dir, host_subcommands
 
@@ -27,22 +30,82 @@ def add_parser(host: argparse.ArgumentParser) -> None:
 
     create = ksub.add_parser("create", help="make a key for a namespace (printed once)")
     create.add_argument("--namespace", required=True, metavar="NS")
-    add_host_state_dir(create)
+    _where(create)
     create.set_defaults(run=run_create)
     ls = ksub.add_parser("list", help="the keys: id, namespace, created (never the key)")
     ls.add_argument("--json", action="store_true", help="one JSON document")
-    add_host_state_dir(ls)
+    _where(ls)
     ls.set_defaults(run=run_list)
     revoke = ksub.add_parser("revoke", help="revoke a key by its id (from list)")
     revoke.add_argument("key_id", metavar="ID")
-    add_host_state_dir(revoke)
+    _where(revoke)
     revoke.set_defaults(run=run_revoke)
 
 
-def _file(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _where(p: argparse.ArgumentParser) -> None:
+    """A lone host's state dir, or a fleet's etcd (``--cluster`` and its TLS files)."""
+    from ..config import env
+    from .fleet import _tls
+
+    add_host_state_dir(p)
+    p.add_argument(
+        "--cluster",
+        default=env("SANDBOXD_CLUSTER"),
+        metavar="etcd://H:P,...",
+        help="the fleet's keys, in its etcd, for every node and gateway (docs/fleet.md) "
+        "[SANDBOXD_CLUSTER]",
+    )
+    _tls(p)
+
+
+def _file(ns: argparse.Namespace) -> Any:
     from ..host.apikeys import KeyFile
 
+    if ns.cluster:
+        return _Fleet(ns)
     return KeyFile(ns.state_dir)
+
+
+class _Fleet:
+    """The fleet's keys in etcd, with the state-dir file's three calls."""
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        from ..fleet.store import parse_cluster
+        from .fleet import tls_of
+
+        try:
+            parse_cluster(ns.cluster)
+        except ValueError as exc:
+            raise SystemExit(f"sandboxd host keys: {exc}") from None
+        self.url, self.tls = ns.cluster, tls_of(ns, "sandboxd host keys")
+
+    def _run(self, what: str, *args: Any) -> Any:
+        import asyncio
+
+        from ..fleet import apikeys
+        from ..fleet.store import Etcd, Unavailable
+        from ..host.apikeys import KeyError_
+
+        async def go() -> Any:
+            etcd = Etcd(self.url, self.tls)
+            try:
+                return await getattr(apikeys, what)(etcd, *args)
+            finally:
+                await etcd.close()
+
+        try:
+            return asyncio.run(go())
+        except Unavailable as exc:
+            raise KeyError_(exc.message) from None
+
+    def create(self, namespace: str) -> Any:
+        return self._run("create", namespace)
+
+    def keys(self) -> Any:
+        return self._run("listed")
+
+    def revoke(self, key_id: str) -> Any:
+        return self._run("revoke", key_id)
 
 
 def _fail(message: str) -> int:

@@ -27,13 +27,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-async def start_gateway(manager: Any, host: str, port: int, state_dir: Path) -> Any:
-    """The SSH gateway when ``--ssh-port`` is set, else None; the caller closes it."""
+async def start_gateway(
+    manager: Any,
+    host: str,
+    port: int,
+    state_dir: Path,
+    cluster: Any = None,  # fleet/join.py's ClusterOptions when the host is in a fleet
+    token: str | None = None,
+) -> Any:
+    """The host's SSH gateway when ``--ssh-port`` is set, else None; the caller closes it.
+
+    Alone, keys and host key come from the state dir; in a fleet, from etcd,
+    and a login may lead to a sandbox on any node (fleet/sshfront.py).
+    """
     if not port:
         return None
-    from ..host.sshgateway import SshGateway
+    from ..host.sshgateway import LocalSandboxes, SshGateway, local_identity
+    from ..host.sshkeys import AuthorizedKeys
 
-    gateway = SshGateway(manager, host, port, state_dir)
+    local = LocalSandboxes(manager, AuthorizedKeys(state_dir))
+    if cluster is not None:
+        from ..fleet.sshfront import start_fleet_gateway
+
+        return await start_fleet_gateway(
+            cluster.cluster, cluster.tls, token, host, port, cluster.node, local
+        )
+    gateway = SshGateway(local, host, port, *local_identity(state_dir))
     await gateway.start()
     return gateway
 
@@ -45,8 +64,9 @@ def add_commands(host: argparse.ArgumentParser) -> None:
         "ssh-keys",
         help="who may SSH into which namespace's sandboxes: add, list, rm",
         description="Public keys allowed to log into a namespace's sandboxes through the "
-        "host's SSH gateway (--ssh-port). Stored in STATE_DIR/ssh/authorized_keys/NAMESPACE; "
-        "a running host reads them at each login.",
+        "host's SSH gateway (--ssh-port). Stored in STATE_DIR/ssh/authorized_keys/NAMESPACE, "
+        "or with --cluster in the fleet's etcd (every node and gateway); a running gateway "
+        "reads them at each login.",
     )
     ksub = keys.add_subparsers(dest="ssh_keys_cmd", metavar="COMMAND", required=True)
 
@@ -56,23 +76,65 @@ def add_commands(host: argparse.ArgumentParser) -> None:
         "key_file", metavar="KEY_FILE", help="a public key file (id_ed25519.pub), or - for stdin"
     )
     add_host_state_dir(add)
+    _cluster_args(add)
     add.set_defaults(run=run_add)
     ls = ksub.add_parser("list", help="the keys: namespace, type, fingerprint, comment")
     ls.add_argument("--namespace", metavar="NS", help="only this namespace's keys")
     ls.add_argument("--json", action="store_true", help="one JSON document")
     add_host_state_dir(ls)
+    _cluster_args(ls)
     ls.set_defaults(run=run_list)
     rm = ksub.add_parser("rm", help="remove a key from a namespace by its fingerprint")
     rm.add_argument("--namespace", required=True, metavar="NS")
     rm.add_argument("fingerprint", metavar="SHA256:...")
     add_host_state_dir(rm)
+    _cluster_args(rm)
     rm.set_defaults(run=run_rm)
 
 
-def _keys(ns: argparse.Namespace) -> Any:
-    from ..host.sshkeys import AuthorizedKeys
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    from .fleet import add_etcd_tls
 
-    return AuthorizedKeys(ns.state_dir)
+    p.add_argument(
+        "--cluster",
+        default=env("SANDBOXD_CLUSTER"),
+        metavar="etcd://H:P,...",
+        help="the fleet's keys, in its etcd, instead of the state dir's [SANDBOXD_CLUSTER]",
+    )
+    add_etcd_tls(p)
+
+
+def _keys(ns: argparse.Namespace, method: str, *args: str) -> Any:
+    """Call ``method`` on the state dir's keys, or on the fleet's (``--cluster``)."""
+    if not ns.cluster:
+        from ..host.sshkeys import AuthorizedKeys
+
+        return getattr(AuthorizedKeys(ns.state_dir), method)(*args)
+    import asyncio
+
+    from ..fleet.sshfront import FleetSshKeys
+    from ..fleet.store import Etcd, parse_cluster
+    from ..host.sshkeys import SshKeyError
+    from .fleet import tls_of
+
+    try:
+        parse_cluster(ns.cluster)
+    except ValueError as exc:
+        raise SshKeyError(str(exc)) from None
+
+    async def call() -> Any:
+        etcd = Etcd(ns.cluster, tls_of(ns, "sandboxd host ssh-keys"))
+        try:
+            return await getattr(FleetSshKeys(etcd), method)(*args)
+        finally:
+            await etcd.close()
+
+    try:
+        return asyncio.run(call())
+    except Exception as exc:  # the store's Unavailable: etcd cannot be reached
+        if isinstance(exc, SshKeyError):
+            raise
+        raise SshKeyError(f"the fleet's etcd: {getattr(exc, 'message', exc)}") from None
 
 
 def _fail(message: str) -> int:
@@ -92,7 +154,7 @@ def run_add(ns: argparse.Namespace) -> int:
         return _fail(f"{ns.key_file} holds no public key")
     try:
         for line in lines:
-            entry = _keys(ns).add(ns.namespace, line)
+            entry = _keys(ns, "add", ns.namespace, line)
             print(f"{entry.namespace}\t{entry.fingerprint}\t{entry.comment}")
     except SshKeyError as exc:
         return _fail(str(exc))
@@ -103,7 +165,7 @@ def run_list(ns: argparse.Namespace) -> int:
     from ..host.sshkeys import SshKeyError
 
     try:
-        entries = _keys(ns).entries(ns.namespace)
+        entries = _keys(ns, "entries", ns.namespace)
     except SshKeyError as exc:
         return _fail(str(exc))
     if ns.json:
@@ -132,7 +194,7 @@ def run_rm(ns: argparse.Namespace) -> int:
     from ..host.sshkeys import SshKeyError
 
     try:
-        removed = _keys(ns).remove(ns.namespace, ns.fingerprint)
+        removed = _keys(ns, "remove", ns.namespace, ns.fingerprint)
     except SshKeyError as exc:
         return _fail(str(exc))
     if not removed:

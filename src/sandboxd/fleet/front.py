@@ -10,7 +10,11 @@ for a sandbox of another node as it came: the owning node checks it.
 
 A request forwarded between nodes carries ``X-Sandboxd-Fleet-Hop`` (a value
 derived from the fleet's token) and is handled where it lands, as on a lone
-host; the client's ``Authorization`` goes along (every node has the token).
+host; the client's ``Authorization`` goes along (every node has the token and
+the fleet's namespace keys, :mod:`.apikeys`), so the node checks the key and
+its namespace again itself. A front answers only within the key's namespace
+(:mod:`.scope`), and speaks to nodes in namespaced paths, domain mode's flat
+ones included.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +36,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from ..edge import read_json
+from ..edge import error_response, read_json
+from ..edge.auth import presented_key
 from ..host import ingress, labels, proxy
 from ..host.model import (
     LIVE,
@@ -43,13 +49,15 @@ from ..host.model import (
     info,
     parse_create,
 )
-from ..host.routing import sandbox_url
+from ..host.routing import PUBLIC_URL, sandbox_url
 from ..host.store import NameTaken
-from . import keys, lost
+from . import keys, lost, move, scope
 from . import pools as fleet_pools
 from . import snapshots as fleet_snapshots
+from .apikeys import FleetKeys
 from .placement import Reservation, reserve
-from .store import Entry, Etcd, Unavailable
+from .refill import ShareAsks
+from .store import ROOT, Entry, Etcd, Unavailable
 
 log = logging.getLogger("sandboxd.fleet")
 
@@ -63,9 +71,30 @@ _FIELDS = {f.name for f in dataclasses.fields(Record)}
 MAX_REMEMBERED = 100_000  # sandbox locations a front keeps (for proxying without etcd)
 
 
-def hop_value(token: str | None) -> str:
-    """What a node-to-node request carries: not the token itself, but bound to it."""
-    return hmac.new((token or "").encode(), b"sandboxd-fleet-hop", hashlib.sha256).hexdigest()
+HOP_SECRET = ROOT + "hop-secret"  # random, made once: what hop marks are derived from
+
+
+def hop_value(token: str | None, secret: str = "") -> str:
+    """What a node-to-node request carries: bound to the fleet's secret and token, neither."""
+    key = f"{secret}\0{token or ''}".encode()
+    return hmac.new(key, b"sandboxd-fleet-hop", hashlib.sha256).hexdigest()
+
+
+async def fleet_hop(etcd: Etcd, token: str | None) -> str:
+    """The fleet's hop mark: from a secret in etcd, made by the first front to ask.
+
+    Derived from the token alone, a fleet without ``--token`` would have a mark
+    anyone can compute, and a key holder could send creates straight to a
+    node, past placement and the fleet's name check. Only the fleet's nodes,
+    gateways and operators read etcd.
+    """
+    e = await etcd.read(HOP_SECRET)
+    if e is None:
+        made = {"secret": secrets.token_hex(32)}
+        await etcd.transaction([etcd.absent(HOP_SECRET)], [etcd.put_op(HOP_SECRET, made)])
+        e = await etcd.read(HOP_SECRET)
+        assert e is not None
+    return hop_value(token, str(e.value["secret"]))
 
 
 def record_of(value: dict[str, Any]) -> Record:
@@ -100,7 +129,8 @@ class Front:
         ttl: int = 10,
     ) -> None:
         self.etcd, self.node, self.ttl = etcd, node, ttl
-        self.hop = hop_value(token)
+        self.hop = secrets.token_hex(32)  # matches nothing until start() reads the fleet's
+        self.token = token  # the fleet's own calls (no client behind them) carry it
         self._lease_of = lease_of
         self._own_lease = 0
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -108,6 +138,10 @@ class Front:
         self._urls: dict[str, str] = {}  # node -> advertised URL, as last read
         self._tasks: list[asyncio.Task[None]] = []
         self.snapshots: Any = None  # a node's host/snapshots.Snapshots (join.py); a gateway's None
+        self.keys = FleetKeys(etcd)  # the fleet's namespace keys, kept current by a watch
+        # A gateway's host/apikeys.Authority (gateway.py): exposed ports it cannot place.
+        self.authority: Any = None
+        self.refills = ShareAsks(self)  # moved pool shares, asked of their node until taken
 
     # -- life ---------------------------------------------------------------
 
@@ -115,15 +149,20 @@ class Front:
         return self._lease_of() if self._lease_of is not None else self._own_lease
 
     async def start(self) -> None:
+        await self.keys.start()  # before the first request is served: keys are checked on it
+        self.hop = await fleet_hop(self.etcd, self.token)
         if self._lease_of is None:  # a gateway: its reservations live under its own lease
             self._own_lease = await self.etcd.grant(self.ttl)
             self._tasks.append(asyncio.ensure_future(self._keepalive()))
         self._tasks.append(asyncio.ensure_future(self._sweep_loop()))
+        self._tasks.append(asyncio.ensure_future(move.follow(self)))  # moved: ask etcd again
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.refills.stop()
+        await self.keys.stop()
         for s in self._sessions.values():
             await s.close()
 
@@ -172,11 +211,14 @@ class Front:
         try:
             if ns is not None:
                 e = await self.etcd.read(keys.sandbox(ns, sid))
-            elif sid in self._where:  # a sandbox never changes node: no read per request
+            elif sid in self._where:  # no read per request (a move drops it: move.follow)
                 return self._where[sid]
             else:
                 _, entries = await self.etcd.prefix(keys.SANDBOXES, serializable=True)
                 found = [x for x in entries if x.key.rsplit("/", 1)[-1] == sid]
+                if not found:  # the member read may be a write behind (a sandbox just made)
+                    _, entries = await self.etcd.prefix(keys.SANDBOXES)
+                    found = [x for x in entries if x.key.rsplit("/", 1)[-1] == sid]
                 e = found[0] if found else None
         except Unavailable:
             return self._where.get(sid)  # quorum lost: proxying goes on from memory
@@ -209,6 +251,8 @@ class Front:
         if target is None or self.hopped(request):
             return await handler(request)
         e = await self.locate(target[1])
+        if e is None and self.node is None:
+            return self._no_port_here(request, target[1])
         if e is None or e.value.get("node") == self.node:
             return await handler(request)
         url = await self.node_url(e.value["node"])
@@ -216,14 +260,28 @@ class Front:
             raise ApiError(502, "NODE_LOST", f"the node of sandbox {target[1]} is gone")
         return await proxy.forward(request, self.session(url), request.host, frozenset())
 
+    def _no_port_here(self, request: web.Request, sid: str) -> web.StreamResponse:
+        """A gateway, an exposed port of no sandbox it knows: as a node would answer."""
+        key = presented_key(request)
+        auth = self.authority
+        if auth is not None and auth.required() and (key is None or auth.resolve(key) is None):
+            # Without a key, whether a sandbox exists is not told (host/ingress.py).
+            return error_response(
+                401, "UNAUTHORIZED", "a valid 'Authorization: Bearer' key is required"
+            )
+        return error_response(404, "SANDBOX_NOT_FOUND", f"no live sandbox {sid!r}")
+
     @web.middleware
     async def api(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.hopped(request):
             await self._adopt(request)
-            with fleet_pools.adopt_id(request):  # a pool's share: the fleet's id for it
+            # A pool's share: the fleet's id for it; a moved sandbox: its own id (move.py).
+            with fleet_pools.adopt_id(request), move.given_id(request):
                 return await handler(request)
         if request.path.startswith("/api/v1/"):
             return await self._to_sandbox(request, handler)
+        # Flat paths (domain mode) and `default` become the key's namespace; another's: 404.
+        request = scope.canonical(request)
         listed = _SNAPSHOTS.match(request.path)
         if listed is not None and request.method == "GET":
             return await self.list_snapshots(check_namespace(listed[1]))
@@ -374,8 +432,13 @@ class Front:
             data["ingress_endpoint"] = ingress_endpoint(url)
 
     async def _to_sandbox(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        sid = proxy.sandbox_id_of(request)
+        public = request.app.get(PUBLIC_URL)
+        sid = proxy.sandbox_id_of(request) or (
+            public.sandbox_id_of_host(request.headers.get("Host", "")) if public else None
+        )
         e = None if sid is None else await self.locate(sid)
+        if e is not None and not scope.sees(request, e.key.split("/")[-2]):
+            e = None  # another namespace's sandbox: as if it did not exist (its node agrees)
         if e is None or e.value.get("node") == self.node:
             if self.node is None:
                 raise ApiError(

@@ -1,4 +1,9 @@
-"""``sandboxd gateway``: the fleet's front with no sandboxes of its own."""
+"""``sandboxd gateway``: the fleet's front with no sandboxes of its own.
+
+Keys as on a node: ``--token`` is the admin's, the fleet's namespace keys come
+from etcd (:mod:`.apikeys`). With ``--public-url`` it answers domain mode's
+names and flat paths for every node's sandboxes (host/domain.py).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ..edge import LIMITS, Limits, bearer_auth, cross_site_guard, errors_middleware
+from ..edge import LIMITS, Limits, cross_site_guard, errors_middleware
+from ..edge.auth import grant_auth
 from ..host import ingress
+from ..host.apikeys import Authority
+from ..host.domain import PublicUrl
 from ..host.model import ApiError
+from ..host.routing import PUBLIC_URL
 from .front import Front
 from .store import Etcd, Tls
 
@@ -26,25 +35,39 @@ async def elsewhere(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _exempt(request: web.Request) -> bool:
+    """Exposed ports (their node checks them) and /health (a load balancer's probe: says "ok")."""
+    return request.path == "/health" or ingress.is_exposed_port_request(request)
+
+
 def create_gateway_app(
     cluster: str,
     token: str | None,
     ttl: int,
     limits: Limits | None = None,
     tls: Tls | None = None,
+    public_url: PublicUrl | None = None,
 ) -> web.Application:
     etcd = Etcd(cluster, tls)
     front = Front(etcd, None, token, ttl=ttl)
+    # The admin token, and the fleet's namespace keys (kept current from etcd by front.start).
+    authority = Authority(token, front.keys, always_required=public_url is not None)
+    front.authority = authority
     middlewares = [
-        cross_site_guard(token, origin_exempt=ingress.is_exposed_port_request),
+        # Domain mode always has keys: its public names are served as with a token.
+        cross_site_guard(
+            token or ("keys" if public_url else None),
+            origin_exempt=ingress.is_exposed_port_request,
+        ),
         front.ports,  # an exposed port's owning node checks its request itself
-        *([bearer_auth(token, exempt=ingress.is_exposed_port_request)] if token else []),
+        grant_auth(authority.resolve, authority.required, exempt=_exempt),
         errors_middleware(),
         front.api,
     ]
     limits = limits or Limits.from_env()
     app = web.Application(middlewares=middlewares, client_max_size=limits.max_json_body)
     app[LIMITS] = limits
+    app[PUBLIC_URL] = public_url
     app.router.add_get("/health", health)
     app.router.add_route("*", "/{tail:.*}", elsewhere)
 

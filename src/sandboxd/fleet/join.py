@@ -53,12 +53,16 @@ class Joined:
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """After the host's own start-up (its recovery): join, then serve as one of the fleet."""
+        from ..host.app import AUTHORITY
+
         try:
             await self.agent.start()
+            await self.front.start()
         except Unavailable as exc:
             await self.etcd.close()
             raise SystemExit(f"sandboxd host: cannot join the fleet: {exc.message}") from None
-        await self.front.start()
+        # Namespace keys are the fleet's (etcd), not this state dir's: every node takes them.
+        app[AUTHORITY].use_keys(self.front.keys)
         yield
         with contextlib.suppress(Exception):
             await self.front.stop()

@@ -12,6 +12,9 @@ ALLOC = ROOT + "alloc/"  # {node}: bumped by every placement, so two never race 
 DRAIN = ROOT + "drain/"  # {node}: present while the node takes no new placements
 SNAPSHOTS = ROOT + "snapshots/"  # {ns}/{snapshot id}: the node that holds its data
 POOLS = ROOT + "pools/"  # {ns}/{pool id}: the node the pool lives on
+APIKEYS = ROOT + "apikeys/"  # {key id}: a namespace key's record (its hash, never the key)
+# Present once a key was ever made: from then on the fleet requires keys (never deleted).
+APIKEYS_MADE = ROOT + "apikeys-made"
 
 
 def node(name: str) -> str:
@@ -44,3 +47,7 @@ def snapshot(ns: str, snap: str) -> str:
 
 def pool(ns: str, pool_id: str) -> str:
     return f"{POOLS}{ns}/{pool_id}"
+
+
+def apikey(key_id: str) -> str:
+    return APIKEYS + key_id

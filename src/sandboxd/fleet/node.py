@@ -26,7 +26,7 @@ from ..host import capacity, runtime, states
 from ..host.manager import Manager
 from ..host.model import LIVE, ApiError, Record
 from ..host.snapshots import Snapshot
-from . import keys
+from . import keys, move
 from . import snapshots as fleet_snapshots
 from .store import Entry, Etcd, Unavailable, dump
 
@@ -88,6 +88,9 @@ class NodeAgent:
         self._freed: set[str] = set()  # ended sandboxes whose name key is gone
         self._final: set[str] = set()  # ended in etcd: final, never written over
         self._seen: set[tuple[str, str]] = set()  # (ns, id) in the local store last round
+        # Records here whose fleet record is another node's (moved away, or a move's copy
+        # not committed yet): never published, their names and keys left alone.
+        self._theirs: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         states.watch(manager.store, lambda rec, before, event: self._wake.set())
@@ -192,13 +195,18 @@ class NodeAgent:
             )
             if self._snaps.get(sid) is snap:
                 del self._snaps[sid]
+        await self._moved_away()
         records = self.m.store.all()
         for rec in records:
             await self._publish(rec)
-            await self._keep_name(rec)
+            if rec.id not in self._theirs:
+                await self._keep_name(rec)
         # Ended records the local archive let go of (SANDBOXD_ARCHIVE_MAX) go from etcd too.
         now = {(r.namespace, r.id) for r in records}
         for ns, sid in self._seen - now:
+            if sid in self._theirs:  # its key is another node's now
+                self._theirs.discard(sid)
+                continue
             await self.etcd.delete(keys.sandbox(ns, sid))
             for d in (self._published, self._revs):
                 d.pop(sid, None)
@@ -216,11 +224,16 @@ class NodeAgent:
             self._published[rec.id] = raw
             cur = await self.etcd.get(key)
             self._revs[rec.id] = cur.mod_revision if cur else 0
+            self._theirs.discard(rec.id)
             return
         cur = await self.etcd.get(key)  # someone else wrote it: a front, or the lost sweep
         if cur is None:
             self._revs.pop(rec.id, None)
             return
+        if cur.value.get("node") != self.node:  # moved away, or a move here not committed
+            await self._not_ours(rec, cur)
+            return
+        self._theirs.discard(rec.id)
         self._revs[rec.id] = cur.mod_revision
         if ended_in_fleet(cur.value):
             self._final.add(rec.id)
@@ -228,6 +241,49 @@ class NodeAgent:
                 await self._give_up(rec, cur.value)
         else:
             self._wake.set()  # a front's first copy: write ours over it next round
+
+    async def _not_ours(self, rec: Record, cur: Entry) -> None:
+        """A record here that the fleet has on another node (:mod:`.move`).
+
+        A move to this node under way: wait for its commit. Otherwise this copy is
+        not the fleet's: the source of a done move, or the copy of a move that
+        never committed (its mover died): it ends, and the fleet's record stays.
+        """
+        self._theirs.add(rec.id)
+        self._revs.pop(rec.id, None)
+        self._names.pop(rec.id, None)  # the name key is the other node's: left alone
+        if not rec.live:
+            self._final.add(rec.id)
+            return
+        mv = await self.etcd.get(move.move_key(rec.namespace, rec.id))
+        moving = None if mv is None else mv.value
+        if moving is not None and moving.get("to") == self.node and moving["state"] != move.MOVED:
+            return  # ours once the mover commits; ended by it if it gives up
+        if ended_in_fleet(cur.value):
+            self._final.add(rec.id)
+            await self._give_up(rec, cur.value)
+            return
+        reason = move.MOVED if moving and moving.get("from") == self.node else move.MOVE_ABORTED
+        log.info("sandbox %s: node %s has it in the fleet; ending this copy", rec.id, cur.value)
+        self._final.add(rec.id)
+        await self.m.terminate(rec.id, reason)
+
+    async def _moved_away(self) -> None:
+        """Copies of sandboxes moved from here (a done move's key): ended, reason ``moved``."""
+        for e in await move.moves(self.etcd):
+            v = e.value
+            if v.get("state") != move.MOVED or v.get("from") != self.node:
+                continue
+            sid = e.key.rsplit("/", 1)[-1]
+            rec = self.m.store.by_id(sid)
+            if rec is None or (sid in self._theirs and not rec.live):
+                continue
+            self._theirs.add(sid)
+            self._final.add(sid)
+            self._names.pop(sid, None)  # the commit gave the name to the target's lease
+            if rec.live:
+                log.info("sandbox %s moved to node %s; ending this copy", sid, v.get("to"))
+                await self.m.terminate(sid, move.MOVED)
 
     async def _give_up(self, rec: Record, fleet_value: dict[str, Any]) -> None:
         reason = fleet_value["record"].get("termination_reason")
@@ -280,7 +336,7 @@ class NodeAgent:
         holder = None if cur is None else cur.value.get("id")
         if cur is not None and holder is None:
             return  # a create's claim not settled yet (maybe this one's): look next round
-        if cur is not None and holder == rec.id:
+        if cur is not None and holder == rec.id and cur.value.get("node", self.node) == self.node:
             await self._drop_name(rec.id, key)
         self._names.pop(rec.id, None)
         self._freed.add(rec.id)

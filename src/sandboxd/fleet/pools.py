@@ -11,12 +11,14 @@ front's node (else the first) for a cold start; a node whose share is at its
 node's share; updates and deletes go to each of them.
 
 When a node is lost, every front's sweep moves its share to another node
-(one transaction on the pool's key decides which front does it). A node that
+(one transaction on the pool's key decides which front does it), and that
+front asks the node for it until it has it (:mod:`.refill`). A node that
 comes back without a share deletes its old copy of the pool (node.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -40,6 +42,7 @@ log = logging.getLogger("sandboxd.fleet")
 POOLS = re.compile(r"^/v1/namespaces/([^/]+)/sandbox-pools(?:/([^/]+)(/.*)?)?$")
 POOL_ID = "X-Sandboxd-Fleet-Pool"  # on a create forwarded to a node: the fleet's pool id
 _ID = re.compile(r"^pool-[0-9a-f]{16}$")
+CLAIM_PUBLISH_TRIES = 100  # of 50 ms: a claim waits this long at most for etcd to have it
 
 
 # -- the spread (pure) -------------------------------------------------------------
@@ -170,9 +173,25 @@ async def claim(
             front._rewrite(data, request)
         answer = _answer(status, data, raw, ctype)
         if status != 429:
+            sid = data.get("sandbox_id") if isinstance(data, dict) else None
+            if status < 300 and isinstance(sid, str):
+                await _published(front, POOLS.match(request.path)[1], sid)  # type: ignore[index]
             return answer
     assert answer is not None
     return answer  # every share at its max_containers: the 429 says so
+
+
+async def _published(front: Front, ns: str, sid: str) -> None:
+    """Until the node's copy of a claimed sandbox is in etcd (its mirror: within a second).
+
+    The client's next call (connect, run) may reach any front, which finds a
+    sandbox through etcd: a warm one made a moment ago may not be there yet.
+    """
+    for _ in range(CLAIM_PUBLISH_TRIES):
+        with contextlib.suppress(Unavailable):
+            if await front.etcd.get(keys.sandbox(ns, sid)) is not None:
+                return
+        await asyncio.sleep(0.05)
 
 
 async def read(front: Front, request: web.Request, value: dict[str, Any]) -> web.StreamResponse:
@@ -320,24 +339,8 @@ async def refill_lost(front: Front) -> None:
             continue  # another front moved it
         pool_id, ns = entry.key.rsplit("/", 1)[-1], value["namespace"]
         for node, share in shares.items():
-            if value["nodes"].get(node) == share:
-                continue
-            method = "PUT" if node in value["nodes"] else "POST"
-            try:
-                status, data, _, _ = await _send_plain(
-                    front,
-                    method,
-                    all_rooms[node].url,
-                    share_body(value["body"], share),
-                    pool_id,
-                    ns,
-                )
-            except ApiError as exc:
-                status, data = 502, exc.message
-            if status >= 300:
-                log.warning("pool %s: moving a share to %s failed: %s", pool_id, node, data)
-            else:
-                log.info("pool %s: a lost node's share now on %s (%s)", pool_id, node, share)
+            if value["nodes"].get(node) != share:  # asked until it takes (refill.py)
+                front.refills.ask(ns, pool_id, node)
 
 
 # -- calls to nodes -------------------------------------------------------------------
@@ -382,6 +385,8 @@ async def _send_plain(
     from .front import HOP
 
     headers = {k: v for k, v in (client_headers or {}).items() if k.lower() == "authorization"}
+    if not headers and front.token:  # the front's own call (a moved share): the fleet's token
+        headers["Authorization"] = f"Bearer {front.token}"
     headers[HOP] = front.hop
     if method == "POST":
         headers[POOL_ID] = pool_id

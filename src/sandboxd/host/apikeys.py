@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..edge.auth import ADMIN, Grant
 from .model import check_namespace
@@ -60,6 +60,31 @@ class KeyError_(Exception):
 
 def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def new_key(namespace: str) -> tuple[StoredKey, str]:
+    """A fresh key for ``namespace``: its record (the hash only) and the key itself."""
+    key_id = secrets.token_hex(4)
+    key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    return StoredKey(key_id, namespace, hashlib.sha256(key.encode()).hexdigest(), time.time()), key
+
+
+def match(digests: tuple[tuple[bytes, StoredKey], ...], key: str) -> StoredKey | None:
+    """The stored key whose hash matches ``key``, comparing against every one."""
+    given = digest(key)
+    found: StoredKey | None = None
+    for stored_digest, stored in digests:
+        if hmac.compare_digest(given, stored_digest):
+            found = stored
+    return found
+
+
+class KeyStore(Protocol):
+    """Where a host's namespace keys come from: its state dir, or a fleet's etcd."""
+
+    def lookup(self, key: str) -> StoredKey | None: ...
+
+    def in_use(self) -> bool: ...
 
 
 class KeyFile:
@@ -104,12 +129,16 @@ class KeyFile:
             self.keys()
         except KeyError_:
             return None
-        given = digest(key)
-        found: StoredKey | None = None
-        for stored_digest, stored in self._digests:
-            if hmac.compare_digest(given, stored_digest):
-                found = stored
-        return found
+        return match(self._digests, key)
+
+    def in_use(self) -> bool:
+        """Whether keys were ever made here (the file exists, even emptied, or is broken)."""
+        if self.path.exists() or self.path.is_symlink():
+            return True
+        try:
+            return bool(self.keys())
+        except KeyError_:
+            return True  # a broken key file: closed, not open
 
     # -- writing (the CLI) ------------------------------------------------------
 
@@ -147,9 +176,7 @@ class KeyFile:
             check_namespace(namespace)
         except Exception as exc:  # model.ApiError: say it as a CLI error
             raise KeyError_(f"namespace {namespace!r} is not a valid name") from exc
-        key_id = secrets.token_hex(4)
-        key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-        stored = StoredKey(key_id, namespace, hashlib.sha256(key.encode()).hexdigest(), time.time())
+        stored, key = new_key(namespace)
         with self._editing():
             self._write([*self.keys(), stored])
         return stored, key
@@ -171,10 +198,14 @@ def _as_dict(k: StoredKey) -> dict[str, Any]:
 class Authority:
     """Who a presented key is: the admin (``--token``), one namespace, or nobody."""
 
-    def __init__(self, token: str | None, keys: KeyFile | None, always_required: bool) -> None:
+    def __init__(self, token: str | None, keys: KeyStore | None, always_required: bool) -> None:
         self._token = token.encode("utf-8", "surrogateescape") if token else None
         self._keys = keys
         self._always = always_required
+
+    def use_keys(self, keys: KeyStore) -> None:
+        """Take namespace keys from ``keys`` instead (a fleet node: etcd, fleet/apikeys.py)."""
+        self._keys = keys
 
     def resolve(self, presented: str) -> Grant | None:
         """The web console and the auth middleware both call this."""
@@ -195,11 +226,4 @@ class Authority:
         """
         if self._token is not None or self._always:
             return True
-        if self._keys is None:
-            return False
-        if self._keys.path.exists() or self._keys.path.is_symlink():
-            return True
-        try:
-            return bool(self._keys.keys())
-        except KeyError_:
-            return True  # a broken key file: closed, not open
+        return self._keys is not None and self._keys.in_use()

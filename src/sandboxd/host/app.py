@@ -30,6 +30,7 @@ from . import (
     observe,
     proxy,
     pulls,
+    reach,
     resize,
     usage,
     volroutes,
@@ -38,10 +39,6 @@ from .apikeys import Authority, KeyFile
 from .manager import Manager
 from .model import (
     PENDING,
-    RUNNING,
-    SNAPSHOTTING,
-    SUSPENDED,
-    SUSPENDING,
     ApiError,
     check_namespace,
     info,
@@ -230,30 +227,8 @@ async def _to_sandbox(request: web.Request) -> web.StreamResponse:
             "NO_SANDBOX_NAMED",
             "name the sandbox with 'Host: <id>.local' or 'X-Tensorlake-Sandbox-Id: <id>'",
         )
-    rec = visible(request, m.store.by_id(sid))  # another namespace's: 404
-    if rec is not None and rec.status == SNAPSHOTTING:
-        await m.snapshots.settled(sid)  # frozen while archived: wait for the thaw
-        rec = visible(request, m.store.by_id(sid))
-    if rec is not None and rec.status == SUSPENDING:
-        raise ApiError(409, "SANDBOX_SUSPENDING", f"sandbox {sid} is being suspended")
-    if rec is not None and rec.status == SUSPENDED:
-        if not rec.auto_resume:
-            raise ApiError(409, "SANDBOX_SUSPENDED", f"sandbox {sid} is suspended")
-        rec = await m.resume(sid)
-    if rec is None:
-        raise ApiError(404, "SANDBOX_NOT_FOUND", f"no sandbox {sid!r}")
-    if rec.status == PENDING:
-        raise ApiError(
-            409, "SANDBOX_STARTING", f"sandbox {sid} is still starting: wait for running"
-        )
-    if rec.status != RUNNING:
-        # 404 still (the SDK's callers test for it), with its own code and a way forward.
-        raise ApiError(
-            404,
-            "SANDBOX_TERMINATED",
-            f"sandbox {sid} is {rec.status}: its daemon is gone; read what it left with "
-            "get_logs() or get_archived()",
-        )
+    # Another namespace's sandbox reads as missing (404); the rules: reach.py.
+    await reach.running(m, sid, lambda rec: visible(request, rec))
     return await proxy.forward(request, m.sessions.get(sid))
 
 

@@ -3,7 +3,8 @@
 runsc can save a whole sandbox (the Sentry's memory, every process, their
 open files and sockets) into an image, and start a sandbox again from it. It
 cannot save one whose sockets are host sockets (hostinet), so this works for
-sandboxes on gVisor's own network stack (``gvisor.NETSTACK``). Two uses:
+sandboxes on gVisor's own network stack (``gvisor.NETSTACK``, a gVisor host's
+default; ``SANDBOXD_HOST_GVISOR_NETWORK=host`` opts out). Two uses:
 
 * **Memory snapshot** (:func:`memory_snapshot`): runsc saves the sandbox, which
   stops it; the writable layer is archived as for a filesystem snapshot (the
@@ -72,7 +73,8 @@ MEMORY_NEEDS_GVISOR = "MEMORY_SNAPSHOT_NEEDS_GVISOR"
 # The default runtime's answer to a memory snapshot (400 UNSUPPORTED_SNAPSHOT_TYPE).
 BWRAP_REFUSAL = (
     "memory snapshots need the gVisor runtime: start the host with 'sandboxd host "
-    f"--runtime gvisor' and {gvisor.NETWORK_ENV}={gvisor.NETSTACK} (docs/gvisor.md). "
+    f"--runtime gvisor' (on gVisor's own network stack, its default: leave "
+    f"{gvisor.NETWORK_ENV} unset or '{gvisor.NETSTACK}'; docs/gvisor.md). "
     "Under the default runtime (bubblewrap) running processes cannot be saved: CRIU, "
     "the only way here, fails its kernel check on this kernel ('criu check': Unexpected "
     "rt vDSO area bounds). Take a filesystem snapshot (the default, or snapshot_type "
@@ -86,15 +88,19 @@ def refusal(m: Manager, sandbox_id: str | None = None) -> str | None:
         return BWRAP_REFUSAL
     if sandbox_id is not None and not m.gvisor.checkpointable(sandbox_id):
         return (
-            f"sandbox {sandbox_id} uses the host's network stack (hostinet), which runsc "
-            f"cannot save: start the host with {gvisor.NETWORK_ENV}={gvisor.NETSTACK} for "
-            "sandboxes whose processes can be snapshotted and suspended to disk"
+            f"sandbox {sandbox_id} runs on the host's network stack (hostinet: "
+            f"{gvisor.NETWORK_ENV}={gvisor.HOSTINET}), which runsc cannot save. Memory "
+            "snapshots, live copies and suspend to disk need gVisor's own network stack, "
+            f"a gVisor host's default: start the host with {gvisor.NETWORK_ENV} unset (or "
+            f"{gvisor.NETWORK_ENV}={gvisor.NETSTACK}) and create the sandbox again; a "
+            "filesystem snapshot works now"
         )
     if sandbox_id is None and m.gvisor.net != gvisor.NETSTACK:
         return (
             "a memory snapshot restores only on gVisor's own network stack: start the "
-            f"host with 'sandboxd host --runtime gvisor' and {gvisor.NETWORK_ENV}="
-            f"{gvisor.NETSTACK}"
+            f"host with 'sandboxd host --runtime gvisor' and {gvisor.NETWORK_ENV} unset "
+            f"(or {gvisor.NETWORK_ENV}={gvisor.NETSTACK}), not {gvisor.NETWORK_ENV}="
+            f"{gvisor.HOSTINET}"
         )
     return None
 

@@ -19,23 +19,26 @@ the same as the default runtime:
   and the launcher joins them first), so memory, CPUs, pids, the freezer
   (suspend, snapshot) and the OOM count are the same files.
 - **Network**: the sandbox's prepared netns (``network.py``: veth and nft
-  policy), or one of its own with loopback only; runsc uses it with
-  ``--network=host``: the Sentry's sockets are host sockets in that netns.
+  policy), or one of its own with loopback only. By default the Sentry runs
+  its own network stack over that netns's interfaces (:data:`NETSTACK`), so
+  runsc can save the sandbox (``checkpoint.py``: memory snapshots, live
+  copies, suspend to disk); the policy is enforced where it always is, on the
+  veth's far end in the router namespace. ``SANDBOXD_HOST_GVISOR_NETWORK=host``
+  keeps the older mode (:data:`HOSTINET`, runsc's ``--network=host``): the
+  Sentry's sockets are host sockets in that netns, and runsc cannot save them.
 - **The daemon**: the host's interpreter and sandboxd, bound read-only
   (:class:`runtime.DaemonRuntime`), started with ``--no-cgroups``.
 
 How the host reaches the daemon: a unix socket made inside gVisor is the
 Sentry's own, and a host socket cannot be handed in. So the daemon listens on
-TCP ``127.0.0.1:DAEMON_PORT`` in the sandbox's netns, and the host connects
-from a thread that entered that netns (:class:`NetnsConnector`), as it does
-for exposed ports. Anything inside can connect to that port, so the daemon
-asks for a token of its own (``--token``, given in its environment, which the
-daemon drops before it starts anything), kept in the sandbox's root-only dir.
-
-With ``SANDBOXD_HOST_GVISOR_NETWORK=sandbox`` the Sentry runs its own network
-stack instead (:data:`NETSTACK`), which runsc can save (``checkpoint.py``:
-memory snapshots, suspend to disk); the host then reaches the daemon over a
-private veth link from a netns of its own (:meth:`Gvisor._make_control`).
+TCP, and the host connects from a thread that entered a netns
+(:class:`NetnsConnector`). On gVisor's own stack (the default) that is a
+private veth link from a netns of the host's own (:meth:`Gvisor._make_control`,
+the daemon on ``CONTROL_IP:DAEMON_PORT``); with hostinet it is
+``127.0.0.1:DAEMON_PORT`` in the sandbox's netns, as for exposed ports.
+Anything inside can connect to that port, so the daemon asks for a token of
+its own (``--token``, given in its environment, which the daemon drops before
+it starts anything), kept in the sandbox's root-only dir.
 """
 
 from __future__ import annotations
@@ -67,14 +70,17 @@ log = logging.getLogger("sandboxd.host")
 # Only ptrace works on machines without usable KVM (nested guests); see docs/gvisor.md.
 DEFAULT_PLATFORM = "ptrace"
 PLATFORM_ENV = "SANDBOXD_HOST_GVISOR_PLATFORM"
-# How a sandbox's sockets are served (docs/gvisor.md, "Networks and checkpoints"):
-# "host" (hostinet: the host's stack in the sandbox's netns; runsc refuses to
-# checkpoint it) or "sandbox" (gVisor's own stack: memory checkpoints and
-# suspend to disk work; the host reaches the daemon over a private link).
+# How a sandbox's sockets are served (docs/gvisor.md, "The network: gVisor's own
+# stack, or the host's"): "sandbox" (gVisor's own stack, the default: memory
+# checkpoints, live copies and suspend to disk work; the host reaches the daemon
+# over a private link) or "host" (hostinet: the host's stack in the sandbox's
+# netns; runsc refuses to checkpoint it). Read once, when the host starts; each
+# sandbox keeps the mode it was started with (its bundle's daemon.json).
 NETWORK_ENV = "SANDBOXD_HOST_GVISOR_NETWORK"
 HOSTINET = "host"
 NETSTACK = "sandbox"
 NETWORKS = (HOSTINET, NETSTACK)
+DEFAULT_NETWORK = NETSTACK
 # The private link of a netstack sandbox: a veth pair between its netns (the
 # Sentry takes that end) and a netns of the host's own, where nothing else runs.
 # The same addresses for every sandbox: each pair is alone in its namespaces,
@@ -84,6 +90,11 @@ CONTROL_IP = "169.254.49.2"
 CONTROL_PREFIX = 30
 CONTROL_IF_HOST = "gvctl0"
 CONTROL_IF = "gvctl1"
+# Everything the host exchanges with the daemon (files, output, exposed ports)
+# crosses this link. At 1500 bytes gVisor's stack sends a 64 MiB download in
+# 45,000 packets, about 3x slower than the host's stack (make bench, figure
+# gvisor); at 65000 it matches it. Nothing else uses the link.
+CONTROL_MTU = 65000
 # runsc 20221219 takes a netns with /proc/sys/net/core/rmem_default for the
 # machine's own and refuses to start its network stack there; since Linux 5.x
 # every netns has that file. Hidden under an empty tmpfs in a private mount
@@ -113,7 +124,8 @@ BOOT_POLL = "import sandboxd.host.gvisor_pidfd as p; p.poll_event_loop()"
 RLIMIT_NOFILE = 65536
 
 # Root inside is root of the Sentry, not of the host: the capabilities gVisor knows,
-# but those over the network, which is the host's own stack in the sandbox's netns.
+# but those over the network (NET_ADMIN, NET_RAW): with them root could change its
+# addresses and routes (the Sentry's own on netstack) or forge packets.
 CAPABILITIES = [
     "CAP_" + c
     for c in [
@@ -164,8 +176,23 @@ def runsc_path() -> str | None:
     return next((p for p in RUNSC_PATHS if os.access(p, os.X_OK)), None)
 
 
+def network_problem(value: str | None) -> str | None:
+    """Why ``value`` (of :data:`NETWORK_ENV`) is no network mode, if it is none."""
+    if not value or value in NETWORKS:
+        return None
+    return (
+        f"{NETWORK_ENV}={value!r} is not a gVisor network mode: leave it unset for "
+        f"gVisor's own network stack ({NETSTACK!r}, the default: memory snapshots and "
+        f"suspend to disk), or set {HOSTINET!r} for the host's stack in the sandbox's "
+        "netns (no memory snapshots); see docs/gvisor.md"
+    )
+
+
 def available(state_dir: Path) -> str | None:
     """None if gVisor sandboxes can be made here, else the reason they cannot."""
+    problem = network_problem(os.environ.get(NETWORK_ENV))
+    if problem is not None:
+        return problem
     if runsc_path() is None:
         return "runsc (gVisor) is not installed: apt-get install -y runsc"
     if shutil.which("ip") is None:
@@ -265,7 +292,7 @@ def oci_config(
     }
 
 
-def runsc_flags(runsc: str, root: Path, platform: str, net: str = HOSTINET) -> list[str]:
+def runsc_flags(runsc: str, root: Path, platform: str, net: str = DEFAULT_NETWORK) -> list[str]:
     """runsc and its global flags: the same for every command on one container."""
     return [
         runsc,
@@ -288,7 +315,7 @@ def runsc_argv(
     platform: str,
     bundle: Path,
     container: str,
-    net: str = HOSTINET,
+    net: str = DEFAULT_NETWORK,
     image: Path | None = None,
 ) -> list[str]:
     """``runsc run`` (or ``restore`` from a checkpoint ``image`` dir), attached."""
@@ -451,11 +478,15 @@ class Gvisor:
         self.state_dir = state_dir
         self.tag = tag
         self.platform = platform or os.environ.get(PLATFORM_ENV) or DEFAULT_PLATFORM
-        self.net = net or os.environ.get(NETWORK_ENV) or HOSTINET
-        if self.net not in NETWORKS:
-            raise ValueError(
-                f"{NETWORK_ENV} must be one of {', '.join(NETWORKS)}, not {self.net!r}"
-            )
+        if net is not None and net not in NETWORKS:
+            raise ValueError(f"net must be one of {', '.join(NETWORKS)}, not {net!r}")
+        configured = os.environ.get(NETWORK_ENV)
+        if net is None and network_problem(configured) is not None:
+            # A gVisor host refuses to start with it (available()); a default
+            # runtime's host only tears gVisor sandboxes down, each with its own mode.
+            log.warning("%s", network_problem(configured))
+            configured = None
+        self.net = net or configured or DEFAULT_NETWORK
         # runsc's own state (one dir per container), root's alone.
         self.root = state_dir / "runsc"
 
@@ -491,7 +522,11 @@ class Gvisor:
             return None
 
     def checkpointable(self, sandbox_id: str) -> bool:
-        """Whether runsc can save this sandbox: under gVisor, on gVisor's own network stack."""
+        """Whether runsc can save this sandbox: under gVisor, on gVisor's own network stack.
+
+        Read from the sandbox's own state: one started under hostinet (by a
+        host run with ``host``, or before netstack became the default) stays so.
+        """
         data = self._state(sandbox_id)
         return data is not None and data.get("network") == NETSTACK
 
@@ -523,8 +558,8 @@ class Gvisor:
             ["ip", "-n", ctl, "link", "add", CONTROL_IF_HOST, *veth],
             ["ip", "-n", ctl, "addr", "add", f"{CONTROL_HOST_IP}/{CONTROL_PREFIX}", "dev"],
             ["ip", "-n", inner, "addr", "add", f"{CONTROL_IP}/{CONTROL_PREFIX}", "dev"],
-            ["ip", "-n", ctl, "link", "set", CONTROL_IF_HOST, "up"],
-            ["ip", "-n", inner, "link", "set", CONTROL_IF, "up"],
+            ["ip", "-n", ctl, "link", "set", CONTROL_IF_HOST, "mtu", str(CONTROL_MTU), "up"],
+            ["ip", "-n", inner, "link", "set", CONTROL_IF, "mtu", str(CONTROL_MTU), "up"],
         ):
             if argv[-1] == "dev":
                 argv.append(CONTROL_IF_HOST if argv[2] == ctl else CONTROL_IF)

@@ -8,6 +8,7 @@ SandboxInfo the SDK parses (docs/self-hosted.md).
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import secrets
@@ -105,6 +106,11 @@ def bad(code: str, message: str) -> ApiError:
 
 def new_id() -> str:
     return "sbx-" + secrets.token_hex(8)
+
+
+# Set around a create that moves a sandbox here from another node of a fleet
+# (fleet/move.py): the new record keeps the sandbox's id.
+GIVEN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("sandbox_id", default=None)
 
 
 def check_namespace(ns: str) -> str:
@@ -280,7 +286,7 @@ class Record:
     @classmethod
     def new(cls, namespace: str, spec: CreateSpec, now: float) -> Record:
         return cls(
-            id=new_id(),
+            id=GIVEN_ID.get() or new_id(),
             namespace=namespace,
             status=PENDING,
             image=spec.image,

@@ -23,6 +23,10 @@ How a connection goes
 
 The inner connection lives as long as the user's connection (one owner: the
 :class:`_Client`); closing either side closes the other.
+
+Where a login leads is a :class:`Sandboxes`: :class:`LocalSandboxes` on a lone
+host (keys in its state dir, its own sandboxes), ``fleet/sshfront.py`` in a
+fleet (keys in etcd, a sandbox on any node reached through that node's proxy).
 """
 
 from __future__ import annotations
@@ -31,16 +35,18 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import asyncssh
 
 from ..ssh.policy import PublicKeyOnly
-from . import proxy, tunnel
+from . import proxy, reach, tunnel
 from .manager import Manager
-from .model import PENDING, RUNNING, SNAPSHOTTING, SUSPENDED, SUSPENDING
+from .model import ApiError
 from .sshkeys import AuthorizedKeys
 
 log = logging.getLogger("sandboxd.host.ssh")
@@ -57,23 +63,92 @@ class Unreachable(Exception):
     """The sandbox cannot take a session now; the message says why and what to do."""
 
 
-class SshGateway:
-    """The host's SSH listener; :meth:`start` and :meth:`close` bracket its life."""
+@dataclass(frozen=True)
+class DaemonLine:
+    """How to speak HTTP to one sandbox's daemon: a session, its base URL, headers to add."""
 
-    def __init__(self, manager: Manager, host: str, port: int, state_dir: Path) -> None:
+    session: aiohttp.ClientSession
+    base: str = "http://sandbox"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Sandboxes(Protocol):
+    """Where logins lead: who may reach which sandbox, and the line to its daemon."""
+
+    async def resolve(self, username: str, fingerprint: str) -> str | None:
+        """The sandbox id this key may reach under this user name, or None."""
+        ...
+
+    async def daemon(self, sid: str) -> DaemonLine:
+        """The line to the sandbox's daemon once it runs, or :class:`Unreachable`."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of what it holds (a fleet's etcd client and sessions)."""
+        ...
+
+
+class LocalSandboxes:
+    """A lone host's: keys from its state dir, its own sandboxes."""
+
+    def __init__(self, manager: Manager, keys: AuthorizedKeys) -> None:
         self.manager = manager
+        self.keys = keys
+
+    async def resolve(self, username: str, fingerprint: str) -> str | None:
+        ident, _, ns = username.partition("+")
+        allowed = self.keys.namespaces_for(fingerprint)
+        if ns:
+            allowed = [n for n in allowed if n == ns]
+        found = {
+            rec.id
+            for n in allowed
+            if (rec := self.manager.store.get(n, ident)) is not None and rec.live
+        }
+        return found.pop() if len(found) == 1 else None
+
+    async def daemon(self, sid: str) -> DaemonLine:
+        try:
+            await reach.running(self.manager, sid)  # the HTTP proxy's rules
+        except ApiError as exc:
+            raise Unreachable(exc.message) from None
+        return DaemonLine(self.manager.sessions.get(sid))
+
+    async def close(self) -> None:
+        pass  # the manager and its sessions are the host's
+
+
+def local_identity(state_dir: Path) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
+    """(host key, proxy key) kept in a lone host's state dir, made on first use."""
+    d = Path(state_dir) / "ssh"
+    return _load_or_make(d / "host_ed25519_key"), _load_or_make(d / "proxy_ed25519_key")
+
+
+class SshGateway:
+    """The host's SSH listener; :meth:`start` and :meth:`close` bracket its life.
+
+    ``host_key`` is what users see (the same on every front of a fleet);
+    ``proxy_key`` logs into the sandboxes' daemons (the same on every front
+    too: a daemon lets in only the key of its last enable).
+    """
+
+    def __init__(
+        self,
+        sandboxes: Sandboxes,
+        host: str,
+        port: int,
+        host_key: asyncssh.SSHKey,
+        proxy_key: asyncssh.SSHKey,
+    ) -> None:
+        self.sandboxes = sandboxes
         self.host = host
         self.port = port
-        self.keys = AuthorizedKeys(state_dir)
-        self._dir = Path(state_dir) / "ssh"
+        self.host_key = host_key
+        self.proxy_key = proxy_key
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._clients: set[_Client] = set()
-        self.host_key: asyncssh.SSHKey | None = None
-        self.proxy_key: asyncssh.SSHKey | None = None
 
     async def start(self) -> None:
-        self.host_key = _load_or_make(self._dir / "host_ed25519_key")
-        self.proxy_key = _load_or_make(self._dir / "proxy_ed25519_key")
         try:
             self._acceptor = await asyncssh.create_server(
                 lambda: _Client(self),
@@ -90,7 +165,7 @@ class SshGateway:
             )
         except OSError as exc:
             raise SystemExit(
-                f"sandboxd host: cannot listen for SSH on {self.host}:{self.port}: "
+                f"sandboxd: cannot listen for SSH on {self.host}:{self.port}: "
                 f"{exc.strerror or exc} (pick another --ssh-port)"
             ) from None
         log.info(
@@ -113,58 +188,19 @@ class SshGateway:
             with contextlib.suppress(Exception):
                 await self._acceptor.wait_closed()
             self._acceptor = None
-
-    # --- who is this ---
-
-    def resolve(self, username: str, fingerprint: str) -> str | None:
-        """The sandbox id this key may reach under this user name, or None."""
-        ident, _, ns = username.partition("+")
-        allowed = self.keys.namespaces_for(fingerprint)
-        if ns:
-            allowed = [n for n in allowed if n == ns]
-        found = {
-            rec.id
-            for n in allowed
-            if (rec := self.manager.store.get(n, ident)) is not None and rec.live
-        }
-        return found.pop() if len(found) == 1 else None
+        await self.sandboxes.close()
 
     # --- reaching the sandbox's own SSH server ---
 
-    async def running(self, sid: str) -> None:
-        """Make sure the sandbox runs (the HTTP proxy's rules), or raise :class:`Unreachable`."""
-        m = self.manager
-        rec = m.store.by_id(sid)
-        if rec is not None and rec.status == SNAPSHOTTING:
-            await m.snapshots.settled(sid)
-            rec = m.store.by_id(sid)
-        if rec is not None and rec.status == SUSPENDING:
-            raise Unreachable(f"sandbox {sid} is being suspended; try again once it is")
-        if rec is not None and rec.status == SUSPENDED:
-            if not rec.auto_resume:
-                raise Unreachable(
-                    f"sandbox {sid} is suspended: resume it first (sandboxd sbx resume {sid})"
-                )
-            # The host's task, shielded: a user who hangs up mid-resume does not
-            # cut a restore (gVisor) in half.
-            rec = await asyncio.shield(m.own(m.resume(sid)))
-        if rec is None:
-            raise Unreachable(f"sandbox {sid} is gone")
-        if rec.status == PENDING:
-            raise Unreachable(f"sandbox {sid} is still starting; try again once it runs")
-        if rec.status != RUNNING:
-            raise Unreachable(f"sandbox {sid} is {rec.status}")
-
     async def connect_inner(self, sid: str) -> tuple[asyncssh.SSHClientConnection, Any]:
         """An SSH connection to the sandbox's daemon, and the tunnel task that carries it."""
-        assert self.proxy_key is not None
-        await self.running(sid)
-        session = self.manager.sessions.get(sid)
+        line = await self.sandboxes.daemon(sid)
         pubkey = self.proxy_key.export_public_key().decode().strip()
         try:
-            async with session.post(
-                "http://sandbox/api/v1/ssh/enable",
+            async with line.session.post(
+                f"{line.base}/api/v1/ssh/enable",
                 json={"proxy_pubkey": pubkey, "backend_user": BACKEND_USER},
+                headers=line.headers,
             ) as resp:
                 status = await proxy.daemon_json(resp)
                 if not isinstance(status, dict):
@@ -173,7 +209,9 @@ class SshGateway:
                     raise Unreachable(
                         f"the sandbox's daemon refused SSH: {status.get('error', resp.status)}"
                     )
-            ours, carrier = await tunnel.open_tunnel(session, int(status["port"]))
+            ours, carrier = await tunnel.open_tunnel(
+                line.session, int(status["port"]), line.base, line.headers
+            )
         except tunnel.TunnelRefused as exc:
             raise Unreachable(f"the sandbox's SSH server is unreachable: {exc.message}") from None
         except (aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
@@ -259,13 +297,17 @@ class _Client(PublicKeyOnly, asyncssh.SSHServer):  # type: ignore[misc]
         if self.conn is not None:
             self.conn.close()
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         self._attempts += 1
         if self._attempts > MAX_AUTH_ATTEMPTS:
             if self.conn is not None:
                 self.conn.close()
             return False
-        sid = self.gateway.resolve(username, key.get_fingerprint("sha256"))
+        try:
+            sid = await self.gateway.sandboxes.resolve(username, key.get_fingerprint("sha256"))
+        except ApiError as exc:  # the fleet's etcd cannot answer: refused, said in the log
+            log.warning("ssh: cannot check key for %r: %s", username, exc.message)
+            return False
         if sid is None:
             log.info("ssh: refused key %s for %r", key.get_fingerprint("sha256"), username)
             return False

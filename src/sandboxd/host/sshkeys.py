@@ -30,7 +30,7 @@ class AuthorizedKey:
     line: str
 
 
-def _parse(line: str) -> tuple[str, str, str] | None:
+def parse_public_key(line: str) -> tuple[str, str, str] | None:
     """(algorithm, fingerprint, comment) of one public key line, None for blank/comment."""
     import asyncssh
 
@@ -81,7 +81,7 @@ class AuthorizedKeys:
                 continue
             for line in lines:
                 with contextlib.suppress(SshKeyError):
-                    parsed = _parse(line)
+                    parsed = parse_public_key(line)
                     if parsed is not None:
                         out.append(AuthorizedKey(path.name, *parsed, line=line.strip()))
         return out
@@ -110,7 +110,7 @@ class AuthorizedKeys:
         return tuple(out)
 
     def add(self, namespace: str, line: str) -> AuthorizedKey:
-        parsed = _parse(line)
+        parsed = parse_public_key(line)
         if parsed is None:
             raise SshKeyError("give one public key line (as in ~/.ssh/id_ed25519.pub)")
         entry = AuthorizedKey(namespace, *parsed, line=line.strip())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Mapping
 
 import aiohttp
 
@@ -35,14 +36,23 @@ class TunnelRefused(Exception):
 
 
 async def open_tunnel(
-    session: aiohttp.ClientSession, port: int
+    session: aiohttp.ClientSession,
+    port: int,
+    base: str = "http://sandbox",
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[socket.socket, asyncio.Task[None]]:
-    """A connected socket to the sandbox's 127.0.0.1:port, and the task carrying it."""
+    """A connected socket to the sandbox's 127.0.0.1:port, and the task carrying it.
+
+    ``session`` and ``base`` reach the daemon: its unix socket on this host,
+    or (a fleet's front) the proxy of the node that has the sandbox, with
+    ``headers`` naming the sandbox there.
+    """
     try:
         # Bounded: the daemon is the sandbox's (its root can replace it), and
         # aiohttp assembles a whole message before handing it over.
         ws = await session.ws_connect(
-            f"http://sandbox/api/v1/tunnels/tcp?port={int(port)}",
+            f"{base}/api/v1/tunnels/tcp?port={int(port)}",
+            headers=headers,
             max_msg_size=MAX_WS_MESSAGE,
             autoping=True,
         )
