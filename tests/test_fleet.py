@@ -77,7 +77,7 @@ def nodes_in_fleet(url: str) -> set[str]:
 
 def hop_header(fleet: Fleet, token: str | None = None) -> dict[str, str]:
     """The header a front puts on what it forwards, from the fleet's secret in etcd."""
-    from sandboxd.fleet.front import HOP, HOP_SECRET, hop_value
+    from sandboxd.fleet.hop import HOP, HOP_SECRET, hop_value
 
     r = subprocess.run(
         [etcd_fixture.ETCDCTL, "--endpoints", ",".join(fleet.etcd.endpoints), "get",
@@ -383,7 +383,7 @@ def test_a_computed_hop_mark_does_not_skip_placement(fleet: Fleet) -> None:
     import hashlib
     import hmac
 
-    from sandboxd.fleet.front import HOP, hop_value
+    from sandboxd.fleet.hop import HOP, hop_value
 
     computed = [
         hmac.new(b"", b"sandboxd-fleet-hop", hashlib.sha256).hexdigest(),  # the token's alone
@@ -496,7 +496,7 @@ def test_etcd_losing_one_member_then_quorum(fleet: Fleet) -> None:
 
 
 def test_a_gateway_with_a_token_lets_no_forged_hop_through(fleet: Fleet) -> None:
-    from sandboxd.fleet.front import HOP, hop_value
+    from sandboxd.fleet.hop import HOP, hop_value
 
     port = free_port()
     proc = subprocess.Popen(

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandboxd.fleet.front import HOP, hop_value
+from sandboxd.fleet.hop import HOP, hop_value
 
 from .conftest import free_port, skip_with_reason, stop_process, wait_for
 from .test_fleet import TTL, Fleet, run_fleet

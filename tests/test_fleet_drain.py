@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandboxd.fleet.front import fleet_hop
+from sandboxd.fleet.hop import fleet_hop
 from sandboxd.host.cgroup import host_tag
 
 from .conftest import wait_for

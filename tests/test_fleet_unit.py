@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sandboxd.fleet import keys
-from sandboxd.fleet.front import hop_value
+from sandboxd.fleet.hop import hop_value
 from sandboxd.fleet.lost import lost_value, orphans
 from sandboxd.fleet.placement import no_capacity, rooms
 from sandboxd.fleet.store import Entry, grpc_target, parse_cluster

@@ -55,7 +55,16 @@ def add_etcd_tls(p: argparse.ArgumentParser) -> None:
     )
 
 
-_tls = add_etcd_tls  # the name other modules of this package import
+def add_cluster(p: argparse.ArgumentParser, what: str, tls: bool = True) -> None:
+    """``--cluster`` (and, with ``tls``, the etcd TLS flags): every command that talks to etcd."""
+    p.add_argument(
+        "--cluster",
+        default=env("SANDBOXD_CLUSTER"),
+        metavar="etcd://H:P,...",
+        help=f"{what} [SANDBOXD_CLUSTER]",
+    )
+    if tls:
+        add_etcd_tls(p)
 
 
 def tls_of(ns: argparse.Namespace, prog: str) -> Tls | None:
@@ -75,12 +84,7 @@ def tls_of(ns: argparse.Namespace, prog: str) -> Tls | None:
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     """``sandboxd host``'s fleet flags; without ``--cluster`` the host runs alone."""
-    p.add_argument(
-        "--cluster",
-        default=env("SANDBOXD_CLUSTER"),
-        metavar="etcd://H:P,...",
-        help="join the fleet whose etcd members these are (docs/fleet.md) [SANDBOXD_CLUSTER]",
-    )
+    add_cluster(p, "join the fleet whose etcd members these are (docs/fleet.md)", tls=False)
     p.add_argument(
         "--node",
         default=env("SANDBOXD_NODE"),
@@ -157,7 +161,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "`sandboxd host --cluster` nodes: creates are placed on a node with room, the rest "
         "is forwarded to the sandbox's node (docs/fleet.md).",
     )
-    p.add_argument("--cluster", default=env("SANDBOXD_CLUSTER"), metavar="etcd://H:P,...")
+    add_cluster(p, "the fleet's etcd members", tls=False)
     p.add_argument("--host", default=env("SANDBOXD_GATEWAY_ADDR", "127.0.0.1"), metavar="ADDR")
     p.add_argument("--port", type=int, default=env("SANDBOXD_GATEWAY_PORT", "8910"))
     p.add_argument(
@@ -279,9 +283,9 @@ async def _serve_gateway(
 
 def add_drain(host: argparse.ArgumentParser) -> None:
     """``drain`` among ``sandboxd host``'s subcommands (next to ``keys``)."""
-    subs = [a for a in host._actions if isinstance(a, argparse._SubParsersAction)]
-    sub = subs[0] if subs else host.add_subparsers(dest="host_cmd", metavar="COMMAND")
-    p = sub.add_parser(
+    from .common import host_subcommands
+
+    p = host_subcommands(host).add_parser(
         "drain",
         help="take no new placements on a node of the fleet; its sandboxes run on, or move",
         description="Mark NODE as draining in the fleet's etcd: creates go to other nodes; "
@@ -289,7 +293,7 @@ def add_drain(host: argparse.ArgumentParser) -> None:
         "filesystem snapshot (their processes restart). --undo puts it back in service.",
     )
     p.add_argument("drain_node", metavar="NODE")
-    p.add_argument("--cluster", default=env("SANDBOXD_CLUSTER"), metavar="etcd://H:P,...")
+    add_cluster(p, "the fleet's etcd members", tls=False)
     p.add_argument("--undo", action="store_true", help="take placements again")
     p.add_argument(
         "--move",
@@ -333,7 +337,7 @@ def run_drain(ns: argparse.Namespace) -> int:
 
 def _drain_and_move(ns: argparse.Namespace) -> int:
     """``drain NODE --move``: one line per sandbox as it settles; 1 if any failed to move."""
-    from ..fleet.front import fleet_hop
+    from ..fleet.hop import fleet_hop
     from ..fleet.move import Outcome, drain_and_move
     from ..fleet.store import Etcd, Unavailable
 

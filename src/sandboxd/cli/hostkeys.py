@@ -44,18 +44,10 @@ def add_parser(host: argparse.ArgumentParser) -> None:
 
 def _where(p: argparse.ArgumentParser) -> None:
     """A lone host's state dir, or a fleet's etcd (``--cluster`` and its TLS files)."""
-    from ..config import env
-    from .fleet import _tls
+    from .fleet import add_cluster
 
     add_host_state_dir(p)
-    p.add_argument(
-        "--cluster",
-        default=env("SANDBOXD_CLUSTER"),
-        metavar="etcd://H:P,...",
-        help="the fleet's keys, in its etcd, for every node and gateway (docs/fleet.md) "
-        "[SANDBOXD_CLUSTER]",
-    )
-    _tls(p)
+    add_cluster(p, "the fleet's keys, in its etcd, for every node and gateway (docs/fleet.md)")
 
 
 def _file(ns: argparse.Namespace) -> Any:

@@ -93,15 +93,9 @@ def add_commands(host: argparse.ArgumentParser) -> None:
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    from .fleet import add_etcd_tls
+    from .fleet import add_cluster
 
-    p.add_argument(
-        "--cluster",
-        default=env("SANDBOXD_CLUSTER"),
-        metavar="etcd://H:P,...",
-        help="the fleet's keys, in its etcd, instead of the state dir's [SANDBOXD_CLUSTER]",
-    )
-    add_etcd_tls(p)
+    add_cluster(p, "the fleet's keys, in its etcd, instead of the state dir's")
 
 
 def _keys(ns: argparse.Namespace, method: str, *args: str) -> Any:

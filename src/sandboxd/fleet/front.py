@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import hmac
 import json
 import logging
@@ -31,7 +30,6 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -55,68 +53,22 @@ from . import keys, lost, move, scope
 from . import pools as fleet_pools
 from . import snapshots as fleet_snapshots
 from .apikeys import FleetKeys
+from .hop import HOP, RESTORE_OF, fleet_hop, node_session
 from .placement import Reservation, reserve
 from .refill import ShareAsks
-from .store import ROOT, Entry, Etcd, Unavailable
+from .store import Entry, Etcd, Unavailable
 
 log = logging.getLogger("sandboxd.fleet")
 
-HOP = "X-Sandboxd-Fleet-Hop"
 _LIFECYCLE = re.compile(r"^/v1/namespaces/([^/]+)/sandboxes(?:/([^/]+)(/.*)?)?$")
 _SNAPSHOT = re.compile(r"^/v1/namespaces/([^/]+)/snapshots/([^/]+)$")
 _SNAPSHOTS = re.compile(r"^/v1/namespaces/([^/]+)/snapshots$")
-# On a create forwarded for a restore: the snapshot the node must adopt first.
-RESTORE_OF = "X-Sandboxd-Fleet-Snapshot"
 _FIELDS = {f.name for f in dataclasses.fields(Record)}
 MAX_REMEMBERED = 100_000  # sandbox locations a front keeps (for proxying without etcd)
 
 
-HOP_SECRET = ROOT + "hop-secret"  # random, made once: what hop marks are derived from
-
-
-def hop_value(token: str | None, secret: str = "") -> str:
-    """What a node-to-node request carries: bound to the fleet's secret and token, neither."""
-    key = f"{secret}\0{token or ''}".encode()
-    return hmac.new(key, b"sandboxd-fleet-hop", hashlib.sha256).hexdigest()
-
-
-async def fleet_hop(etcd: Etcd, token: str | None) -> str:
-    """The fleet's hop mark: from a secret in etcd, made by the first front to ask.
-
-    Derived from the token alone, a fleet without ``--token`` would have a mark
-    anyone can compute, and a key holder could send creates straight to a
-    node, past placement and the fleet's name check. Only the fleet's nodes,
-    gateways and operators read etcd.
-    """
-    e = await etcd.read(HOP_SECRET)
-    if e is None:
-        made = {"secret": secrets.token_hex(32)}
-        await etcd.transaction([etcd.absent(HOP_SECRET)], [etcd.put_op(HOP_SECRET, made)])
-        e = await etcd.read(HOP_SECRET)
-        assert e is not None
-    return hop_value(token, str(e.value["secret"]))
-
-
 def record_of(value: dict[str, Any]) -> Record:
     return Record(**{k: v for k, v in value["record"].items() if k in _FIELDS})
-
-
-class NodeConnector(aiohttp.BaseConnector):
-    """Every connection to one node's address, whatever Host the request names."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(limit=256)
-        self._host, self._port = host, port
-
-    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
-        try:
-            async with asyncio.timeout(timeout.sock_connect):
-                _, proto = await self._loop.create_connection(self._factory, self._host, self._port)
-        except OSError as exc:
-            raise aiohttp.ClientConnectionError(
-                f"node at {self._host}:{self._port}: {exc}"
-            ) from exc
-        return proto
 
 
 class Front:
@@ -189,13 +141,7 @@ class Front:
     def session(self, url: str) -> aiohttp.ClientSession:
         s = self._sessions.get(url)
         if s is None or s.closed:
-            u = urlsplit(url)
-            s = aiohttp.ClientSession(
-                connector=NodeConnector(u.hostname or "127.0.0.1", u.port or 80),
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            )
-            self._sessions[url] = s
+            s = self._sessions[url] = node_session(url)
         return s
 
     async def node_url(self, node: str) -> str | None:

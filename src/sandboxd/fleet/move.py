@@ -48,6 +48,7 @@ from aiohttp import web
 
 from ..host.model import GIVEN_ID, LIVE, ApiError, CreateSpec
 from . import keys
+from .hop import HOP, RESTORE_OF
 from .placement import Reservation, reserve
 from .store import ROOT, Entry, Etcd, Unavailable
 
@@ -55,8 +56,6 @@ log = logging.getLogger("sandboxd.fleet")
 
 MOVES = ROOT + "moves/"  # {ns}/{id}: a move under way, or just done
 MOVE_ID = "X-Sandboxd-Fleet-Move-Id"
-RESTORE_OF = "X-Sandboxd-Fleet-Snapshot"  # (front.RESTORE_OF: the node adopts the snapshot)
-HOP = "X-Sandboxd-Fleet-Hop"
 MOVED = "moved"  # the source copy's termination reason
 MOVE_ABORTED = "move_aborted"  # a target copy the fleet never took
 

@@ -382,7 +382,7 @@ async def _send_plain(
     client_headers: dict[str, str] | None = None,
 ) -> tuple[int, Any, bytes, str]:
     """A pool call to one node (a create names the pool's id), as the front's own."""
-    from .front import HOP
+    from .hop import HOP
 
     headers = {k: v for k, v in (client_headers or {}).items() if k.lower() == "authorization"}
     if not headers and front.token:  # the front's own call (a moved share): the fleet's token

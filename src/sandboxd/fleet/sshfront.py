@@ -26,7 +26,6 @@ import hashlib
 import logging
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncssh
@@ -35,7 +34,8 @@ from ..host.model import LIVE
 from ..host.sshgateway import DaemonLine, LocalSandboxes, SshGateway, Unreachable
 from ..host.sshkeys import AuthorizedKey, SshKeyError, parse_public_key
 from . import keys
-from .front import HOP, NodeConnector, fleet_hop, record_of
+from .front import record_of
+from .hop import HOP, fleet_hop, node_session
 from .store import ROOT, Etcd, Tls
 
 log = logging.getLogger("sandboxd.fleet.ssh")
@@ -202,12 +202,7 @@ class FleetSandboxes:
     def _session(self, url: str) -> aiohttp.ClientSession:
         s = self._sessions.get(url)
         if s is None or s.closed:
-            u = urlsplit(url)
-            s = aiohttp.ClientSession(
-                connector=NodeConnector(u.hostname or "127.0.0.1", u.port or 80),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-            )
-            self._sessions[url] = s
+            s = self._sessions[url] = node_session(url)
         return s
 
 
