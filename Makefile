@@ -71,13 +71,19 @@ ts-sdk: venv
 	       'tensorlake@$(TS_SDK)']))" \
 	  || echo "the TypeScript SDK was not installed: tests/test_typescript_sdk.py will skip"
 
-# Test files run on two workers (pytest-xdist), each file whole on one worker: its
-# module fixtures (hosts, a fleet's etcd) stay one worker's. Every test makes its own
-# ports, state dirs, netns and cgroups, so files do not meet. 12 min -> 7.5 min here.
+# Most test files run on two workers (pytest-xdist), each file whole on one worker:
+# its module fixtures (hosts, a fleet's etcd) stay one worker's, and every test makes
+# its own ports, state dirs, netns and cgroups. The files that keep both cores busy by
+# themselves (gVisor on ptrace, image builds, a wheel install) run after, alone, so
+# they never starve another file's timing-sensitive waits.
 TEST_WORKERS ?= 2
+SERIAL_TESTS := tests/test_host_gvisor.py tests/test_host_gvisor_checkpoint.py \
+	tests/test_host_images.py tests/test_packaging.py
 test: venv host-deps image ts-sdk
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile \
+	  $(addprefix --ignore=,$(SERIAL_TESTS)) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=5 $(SERIAL_TESTS) $(PYTEST_ARGS)
 
 # Benchmarks against the limits and the real peers (never part of `make test`).
 bench: venv

@@ -407,6 +407,50 @@ def test_a_computed_hop_mark_does_not_skip_placement(fleet: Fleet) -> None:
         drain(fleet, "a", undo=True)
 
 
+def _etcdctl(fleet: Fleet, *args: str, stdin: str | None = None) -> str:
+    r = subprocess.run(
+        [etcd_fixture.ETCDCTL, "--endpoints", ",".join(fleet.etcd.endpoints), *args],
+        input=stdin, capture_output=True, text=True, timeout=10,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_a_node_drops_a_create_s_reservation_with_its_record(fleet: Fleet) -> None:
+    """Room held for a create is counted once: by the reservation, then by the record.
+
+    Acting as a front: a reservation on node a (no lease, no front to settle it),
+    then the create forwarded to a with it. The node's first copy of the record
+    deletes the reservation in the same transaction; before, both counted against
+    its slots until the front settled, and bursts found room that was there refused.
+    """
+    from sandboxd.fleet import keys
+    from sandboxd.fleet.placement import RESERVATION
+
+    rid = os.urandom(8).hex()
+    held = keys.reserved("a", rid)
+    _etcdctl(fleet, "put", held, json.dumps({"memory_mb": 128, "namespace": "default"}))
+    sid = None
+    try:
+        r = httpx.post(
+            fleet.nodes["a"].url + NS,
+            json={"resources": {"cpus": 1.0, "memory_mb": 128}, "wait": False},
+            headers={**hop_header(fleet), RESERVATION: rid},
+            timeout=60,
+        )
+        assert r.status_code in (200, 202), r.text
+        sid = r.json()["sandbox_id"]
+        record = keys.sandbox("default", sid)
+        wait_for(lambda: _etcdctl(fleet, "get", "--print-value-only", record).strip(), timeout=15)
+        # Published: the reservation went in the same transaction.
+        assert _etcdctl(fleet, "get", "--print-value-only", held).strip() == ""
+    finally:
+        _etcdctl(fleet, "del", held)
+        if sid is not None:
+            terminate(fleet.gateway_url, sid)
+
+
 def test_sse_and_an_exposed_port_of_a_sandbox_on_another_node(fleet: Fleet) -> None:
     from tensorlake.sandbox import Sandbox
 

@@ -54,7 +54,7 @@ from . import pools as fleet_pools
 from . import snapshots as fleet_snapshots
 from .apikeys import FleetKeys
 from .hop import HOP, RESTORE_OF, fleet_hop, node_session
-from .placement import Reservation, reserve
+from .placement import RESERVATION, Reservation, Reserved, reserve
 from .refill import ShareAsks
 from .store import Entry, Etcd, Unavailable
 
@@ -90,6 +90,7 @@ class Front:
         self._urls: dict[str, str] = {}  # node -> advertised URL, as last read
         self._tasks: list[asyncio.Task[None]] = []
         self.snapshots: Any = None  # a node's host/snapshots.Snapshots (join.py); a gateway's None
+        self.reserved = Reserved()  # a node's: creates placed here, until published
         self.keys = FleetKeys(etcd)  # the fleet's namespace keys, kept current by a watch
         # A gateway's host/apikeys.Authority (gateway.py): exposed ports it cannot place.
         self.authority: Any = None
@@ -222,7 +223,12 @@ class Front:
         if self.hopped(request):
             await self._adopt(request)
             # A pool's share: the fleet's id for it; a moved sandbox: its own id (move.py).
-            with fleet_pools.adopt_id(request), move.given_id(request):
+            # A create placed here: its reservation goes with its record's first copy.
+            with (
+                fleet_pools.adopt_id(request),
+                move.given_id(request),
+                self.reserved.around(request),
+            ):
                 return await handler(request)
         if request.path.startswith("/api/v1/"):
             return await self._to_sandbox(request, handler)
@@ -571,7 +577,8 @@ class Front:
                         name_key = None
                         raise NameTaken(spec.name or "")
                 sent = json.dumps(body).encode()
-                status, data, raw, ctype = await self.call(request, res.url, sent, extra)
+                held = {**extra, RESERVATION: res.rid}  # the node drops it with the record
+                status, data, raw, ctype = await self.call(request, res.url, sent, held)
                 break
             except ApiError as exc:
                 await self._release(res, name_key)

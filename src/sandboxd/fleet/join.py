@@ -50,6 +50,7 @@ class Joined:
             self.etcd, opts.node, token, lease_of=lambda: self.agent.lease, ttl=opts.ttl
         )
         self.front.snapshots = manager.snapshots
+        self.agent.reserved = self.front.reserved
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """After the host's own start-up (its recovery): join, then serve as one of the fleet."""

@@ -28,6 +28,7 @@ from ..host.model import LIVE, ApiError, Record
 from ..host.snapshots import Snapshot
 from . import keys, move
 from . import snapshots as fleet_snapshots
+from .placement import Reserved
 from .store import Entry, Etcd, Unavailable, dump
 
 log = logging.getLogger("sandboxd.fleet")
@@ -78,6 +79,8 @@ class NodeAgent:
         self.etcd, self.m, self.node, self.url = etcd, manager, node, url
         self.ttl, self.slots, self.restart_grace = ttl, slots, restart_grace
         self.snapshot_dir = snapshot_dir  # the fleet's shared snapshot store, if any
+        # The reservations of creates placed here (join.py: the node's front's).
+        self.reserved = Reserved()
         # Snapshots taken, settled or deleted here since last copied to etcd.
         self._snaps: dict[str, Snapshot] = {}
         self.lease = 0
@@ -220,7 +223,11 @@ class NodeAgent:
         key = keys.sandbox(rec.namespace, rec.id)
         rev = self._revs.get(rec.id)
         cond = self.etcd.unchanged(key, rev) if rev else self.etcd.absent(key)
-        if await self.etcd.transaction([cond], [self.etcd.put_op(key, value)]):
+        ops = [self.etcd.put_op(key, value)]
+        rid = None if rev else self.reserved.take(rec.id)
+        if rid is not None:  # the room it held is the record's now: counted once
+            ops.append(self.etcd.delete_op(keys.reserved(self.node, rid)))
+        if await self.etcd.transaction([cond], ops):
             self._published[rec.id] = raw
             cur = await self.etcd.get(key)
             self._revs[rec.id] = cur.mod_revision if cur else 0

@@ -10,16 +10,26 @@ under the placing front's lease, so a front that dies mid-create frees it.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+
 from ..host import registry
-from ..host.model import LIVE, ApiError, CreateSpec
+from ..host.model import GIVEN_ID, LIVE, ApiError, CreateSpec, new_id
 from . import keys
 from .store import Entry, Etcd
 
 ATTEMPTS = 20
+# On a create a front forwards: the reservation it holds for it on that node.
+RESERVATION = "X-Sandboxd-Fleet-Reservation"
+_RID = re.compile(r"^[0-9a-f]{16}$")
+_CREATE = re.compile(r"^/v1/namespaces/[^/]+/sandboxes$")
+MAX_HELD = 4096  # reservations a node remembers for creates not published yet
 
 
 @dataclass
@@ -142,3 +152,48 @@ async def reserve(
     raise ApiError(
         503, "PLACEMENT_CONTENDED", "too many creates raced for the same nodes: retry the create"
     )
+
+
+class Reserved:
+    """On a node: the reservation each forwarded create came with, by its sandbox's id.
+
+    The node's first copy of the record to etcd deletes the reservation in the
+    same transaction (node.py), so the room is counted once: without it the
+    record (live) and the reservation both counted until the placing front
+    settled, and a burst of creates found nodes full that were not. The node
+    chooses the sandbox's id before the create runs (the host's ``GIVEN_ID``,
+    as a move does), so the record is known by it from its first copy. A create
+    that takes a warm spare gets the spare's id instead: its reservation is
+    then the placing front's to delete, as before.
+    """
+
+    def __init__(self) -> None:
+        self._rid_of: dict[str, str] = {}
+
+    def around(self, request: web.Request) -> contextlib.AbstractContextManager[None]:
+        """Around a create forwarded with a reservation (the hop checked already)."""
+        rid = request.headers.get(RESERVATION, "")
+        if (
+            request.method != "POST"
+            or not _RID.match(rid)
+            or not _CREATE.match(request.path)
+            or GIVEN_ID.get() is not None  # a move's restore: its id, its mover's room
+        ):
+            return contextlib.nullcontext()
+        return self._given(rid)
+
+    @contextlib.contextmanager
+    def _given(self, rid: str) -> Iterator[None]:
+        sid = new_id()
+        if len(self._rid_of) >= MAX_HELD:  # creates that failed: their ids never published
+            self._rid_of.pop(next(iter(self._rid_of)))
+        self._rid_of[sid] = rid
+        token = GIVEN_ID.set(sid)
+        try:
+            yield
+        finally:
+            GIVEN_ID.reset(token)
+
+    def take(self, sid: str) -> str | None:
+        """The reservation of the create that made ``sid``, once (None: none known)."""
+        return self._rid_of.pop(sid, None)
