@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -354,3 +356,44 @@ def test_a_launcher_is_watched_through_a_descriptor_past_1024() -> None:
         os.close(high)
         os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_zygote_s_bubblewrap_dies_with_its_host_even_when_the_host_ends_at_once() -> None:
+    """The zygote's spawn (host/zygote.py's ``_with_the_host``), with real processes.
+
+    A host that ended between forking the zygote's bwrap and bwrap setting its
+    own death signal (a node that could not join its fleet, ending at once)
+    left the zygote running, holding the host's stdout and stderr. Here a stand-in
+    host spawns a long sleep the way the host spawns bwrap and is SIGKILLed:
+    the sleep goes with it. And a child whose host is gone before its exec
+    (its parent is no longer the one that forked it) does not run at all.
+    """
+    stand_in = (
+        "import os, subprocess, sys\n"
+        "from sandboxd.host.zygote import _with_the_host\n"
+        "p = subprocess.Popen(['sleep', '300'], preexec_fn=_with_the_host(os.getpid()),\n"
+        "                     start_new_session=True, stdout=subprocess.DEVNULL,\n"
+        "                     stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    host = subprocess.run([sys.executable, "-c", stand_in], capture_output=True, text=True, timeout=60)
+    assert host.returncode == -signal.SIGKILL, host.stderr
+    orphan = int(host.stdout.split()[0])
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{orphan}/stat").read_text().split()[2]
+        except OSError:
+            return True
+        return state == "Z"
+
+    try:
+        wait_for(gone, timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+    from sandboxd.host.zygote import _with_the_host
+
+    late = subprocess.run(["sh", "-c", "echo ran"], preexec_fn=_with_the_host(1), capture_output=True)
+    assert late.returncode == 1 and late.stdout == b""

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import resource
+import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +99,9 @@ class Zygote:
                 env=LAUNCH_ENV,
                 pass_fds=[theirs.fileno()],
                 start_new_session=True,
-                # The limit a sandbox's daemon starts with (runtime._enter), not the host's raised one.
-                preexec_fn=_as_a_daemon_starts,
+                # The limit a sandbox's daemon starts with (runtime._enter), not the host's
+                # raised one; and the zygote dies with the host (_with_the_host).
+                preexec_fn=_with_the_host(os.getpid()),
             )
         except OSError as exc:
             ours.close()
@@ -180,10 +184,29 @@ class Zygote:
                 self.proc.kill()
 
 
-def _as_a_daemon_starts() -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _with_the_host(host_pid: int) -> Callable[[], None]:
+    """What the zygote's bubblewrap runs before its exec (everything looked up here, first).
+
+    bwrap's ``--die-with-parent`` takes effect only once bwrap runs: a host that
+    exits between the fork and that point (a start that fails at once, such as a
+    node that cannot join its fleet) left the zygote behind, holding the host's
+    stdout and stderr. The death signal is set before the exec instead, and a
+    host already gone by then is noticed at once.
+    """
     from ..edge.connections import STARTED_WITH_NOFILE
 
-    resource.setrlimit(resource.RLIMIT_NOFILE, STARTED_WITH_NOFILE)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def before_exec() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, STARTED_WITH_NOFILE)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != host_pid:
+            os._exit(1)
+
+    return before_exec
 
 
 async def _read_to_end(fd: int, timeout_s: float) -> str:
