@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, Ref, Row, free_port, median, not_measured, stop_process
+from common import PYTHON, Ref, Row, all_cpus, free_port, median, not_measured, stop_process
 from ctx import Ctx
 
 KEYS = ["fleet_create", "fleet_creates_1", "fleet_creates_3", "fleet_node_lost"]
@@ -45,11 +45,6 @@ ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 TTL = 2  # the shortest --lease-ttl a node takes
 BURST, AT_ONCE = 24, 6  # creates per burst, and how many in flight at once
 NODES = ("n1", "n2", "n3")
-
-
-def _all_cpus() -> None:
-    # run.py pins the bench to the load core; hosts and etcd use every core, as in production.
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 
 
 def _wait(check: object, what: str, timeout: float = 30.0) -> None:
@@ -87,7 +82,7 @@ class Etcd:
             argv += ["--log-level", "error", "--logger", "zap"]
             with open(root / f"m{i}.log", "ab") as log:
                 self.procs.append(
-                    subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=_all_cpus)
+                    subprocess.Popen(argv, stdout=log, stderr=log, preexec_fn=all_cpus)
                 )
         self.url = "etcd://" + ",".join(f"127.0.0.1:{p}" for p in self.client)
         _wait(lambda: self.has_key("/sandboxd/none") is False, "etcd health")
@@ -141,7 +136,7 @@ class Proc:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "sandboxd", *self.argv], stdout=out, stderr=out, preexec_fn=_all_cpus
+                [PYTHON, "-m", "sandboxd", *self.argv], stdout=out, stderr=out, preexec_fn=all_cpus
             )
 
     def close(self) -> None:

@@ -30,7 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import PYTHON, Ref, Row, free_port, median, not_measured, percentile, stop_process
+from common import (
+    PYTHON,
+    Ref,
+    Row,
+    all_cpus,
+    free_port,
+    median,
+    not_measured,
+    percentile,
+    stop_process,
+)
 from ctx import Ctx
 from fig_host import host_unavailable
 
@@ -76,11 +86,10 @@ class Host:
         argv = [PYTHON, "-m", "sandboxd", "host", "--port", str(port), "--warm", "0"]
         argv += ["--state-dir", str(self.state / "s"), "--log-level", "warning"]
         argv += ["--images", str(IMAGES), "--no-net", "--runtime", runtime]
-        cpus = set(range(os.cpu_count() or 1))
         self.proc = subprocess.Popen(
             argv,
             env={**os.environ, **(env or {})},
-            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+            preexec_fn=all_cpus,
         )
         import httpx
 

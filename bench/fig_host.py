@@ -17,7 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import PYTHON, Ref, Row, free_port, median, not_measured, percentile, stop_process
+from common import (
+    PYTHON,
+    Ref,
+    Row,
+    all_cpus,
+    free_port,
+    median,
+    not_measured,
+    percentile,
+    stop_process,
+)
 from ctx import Ctx
 
 NS = "/v1/namespaces/default/sandboxes"
@@ -83,11 +93,10 @@ class Host:
         argv += ["--net-router", router.name] if router is not None else ["--no-net"]
         # Not pinned like the other figures' servers: sandboxes use every core,
         # as they would in production (this process is pinned; undo it for the host).
-        cpus = set(range(os.cpu_count() or 1))
         self.proc = subprocess.Popen(
             argv,
             env={**os.environ, **(env or {})},
-            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+            preexec_fn=all_cpus,
         )
         import httpx
 

@@ -28,7 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, Ref, Row, free_port, median, not_measured, percentile, stop_process
+from common import (
+    PYTHON,
+    Ref,
+    Row,
+    all_cpus,
+    free_port,
+    median,
+    not_measured,
+    percentile,
+    stop_process,
+)
 from ctx import Ctx
 
 NS = "/v1/namespaces/default/sandboxes"
@@ -51,11 +61,6 @@ LAYERS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 )
 
 
-def _all_cpus() -> None:
-    # run.py pins the bench to the load core; pulls and hosts use every core, as in production.
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-
-
 def _run(argv: list[str], timeout: float = 300) -> float:
     """Run a command on every core; its wall time in seconds (raises on failure)."""
     return _run_out(argv, timeout)[0]
@@ -64,7 +69,7 @@ def _run(argv: list[str], timeout: float = 300) -> float:
 def _run_out(argv: list[str], timeout: float = 300) -> tuple[float, str]:
     """Run a command on every core; its wall time in seconds and its stderr."""
     t0 = time.perf_counter()
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=_all_cpus)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, preexec_fn=all_cpus)
     took = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {(r.stdout + r.stderr).strip()[-500:]}")
@@ -91,7 +96,7 @@ class Registry:
                 ["docker-registry", "serve", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_all_cpus,
+                preexec_fn=all_cpus,
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -184,7 +189,7 @@ class Host:
         argv = [PYTHON, "-m", "sandboxd", "host", "--port", str(port), "--warm", "0"]
         argv += ["--state-dir", str(self.state / "s"), "--log-level", "warning"]
         argv += ["--images", str(store), "--no-net", "--no-build-default"]
-        self.proc = subprocess.Popen(argv, preexec_fn=_all_cpus)
+        self.proc = subprocess.Popen(argv, preexec_fn=all_cpus)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -31,7 +31,7 @@ def fake_launcher() -> Iterator[subprocess.Popen[bytes]]:
         ours = os.stat("/proc/self/ns/net").st_ino
 
         def child_in_its_netns() -> bool:
-            kids = launcher._children(proc.pid)
+            kids = launcher.children(proc.pid)
             return bool(kids) and os.stat(f"/proc/{kids[0]}/ns/net").st_ino != ours
 
         wait_for(child_in_its_netns, timeout=10)
@@ -67,7 +67,7 @@ def test_the_childs_netns_is_held_by_a_mount_until_released(
 ) -> None:
     fd = os.pidfd_open(fake_launcher.pid)
     try:
-        child = launcher._children(fake_launcher.pid)[0]
+        child = launcher.children(fake_launcher.pid)[0]
         held = launcher.hold_netns(tmp_path, fake_launcher.pid, fd)
         assert held == tmp_path / "netns" and str(held) in mounts.points()
         assert os.stat(held).st_ino == os.stat(f"/proc/{child}/ns/net").st_ino

@@ -382,38 +382,13 @@ def test_a_bad_pair_stops_the_start_with_one_line(tmp_path: Path, pki: Pki) -> N
     pki.issue(cert, key, serial=5)
     other = tmp_path / "other-key.pem"
     pki.issue(tmp_path / "unused.pem", other, serial=6)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandboxd",
-            "host",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(other),
-            "--state-dir",
-            str(tmp_path / "s"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+
+    def host(*flags: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "sandboxd", "host", *flags, "--state-dir", str(tmp_path / "s")]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+    r = host("--tls-cert", str(cert), "--tls-key", str(other))
     assert r.returncode != 0
     assert "cannot load the TLS certificate" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sandboxd",
-            "host",
-            "--tls-cert",
-            str(cert),
-            "--state-dir",
-            str(tmp_path / "s"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = host("--tls-cert", str(cert))
     assert "--tls-cert and --tls-key go together" in r.stderr

@@ -87,7 +87,8 @@ async def wait_exit(pidfd: int) -> None:
         loop.remove_reader(pidfd)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (``/proc``'s children list, or a scan without it)."""
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except FileNotFoundError:
@@ -102,6 +103,16 @@ def _children(pid: int) -> list[int]:
                 if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                     out.append(int(entry))
     return out
+
+
+def pid_of(pidfd: int) -> int | None:
+    """The pid a pidfd refers to (``Pid:`` in its fdinfo; None once it is gone)."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                return pid if pid > 0 else None
+    return None
 
 
 def netns_path(sandbox_dir: Path) -> Path:
@@ -119,13 +130,13 @@ def hold_netns(sandbox_dir: Path, launcher_pid: int, launcher_fd: int) -> Path |
     if str(target) in mounts.points():
         return target  # a restarted host: held since the launch
     ours = os.readlink("/proc/self/ns/net")
-    for child in _children(launcher_pid):
+    for child in children(launcher_pid):
         try:
             fd = os.open(f"/proc/{child}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            if exited(launcher_fd) or child not in _children(launcher_pid):
+            if exited(launcher_fd) or child not in children(launcher_pid):
                 continue
             if os.readlink(f"/proc/self/fd/{fd}") == ours:
                 return None  # it shares the host's: nothing of its own to hold

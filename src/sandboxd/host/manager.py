@@ -395,7 +395,7 @@ class Manager:
             log.warning("sandbox %s: no launcher found; its end will not be noticed", sid)
             return
         try:
-            pid = _pid_of(pidfd)
+            pid = launcher.pid_of(pidfd)
             if hold_netns and pid is not None and self.netns_path(sid) is None:
                 await asyncio.to_thread(launcher.hold_netns, self.layout(sid).dir, pid, pidfd)
         except BaseException:
@@ -731,13 +731,3 @@ def create_path(rec: Record, claimed: bool) -> str:
     if claimed:
         return "pool" if rec.pool_id is not None else "spare"
     return "restore" if rec.snapshot_id else "cold"
-
-
-def _pid_of(pidfd: int) -> int | None:
-    """The pid a pidfd refers to (``Pid:`` in its fdinfo)."""
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                pid = int(line.split()[1])
-                return pid if pid > 0 else None
-    return None

@@ -308,8 +308,8 @@ def sandbox_namespaces(m: Manager, sid: str) -> list[int]:
     if pidfd is None:
         raise ApiError(409, "SANDBOX_NOT_RUNNING", f"sandbox {sid} has no running init")
     try:
-        pid = _pid_of(pidfd)
-        for child in launcher._children(pid) if pid else []:
+        pid = launcher.pid_of(pidfd)
+        for child in launcher.children(pid) if pid else []:
             fds: list[int] = []
             try:
                 for kind in ("user", "mnt"):
@@ -318,7 +318,7 @@ def sandbox_namespaces(m: Manager, sid: str) -> list[int]:
                 for fd in fds:
                     os.close(fd)
                 continue
-            if launcher.exited(pidfd) or child not in launcher._children(pid or 0):
+            if launcher.exited(pidfd) or child not in launcher.children(pid or 0):
                 for fd in fds:
                     os.close(fd)
                 continue
@@ -326,12 +326,3 @@ def sandbox_namespaces(m: Manager, sid: str) -> list[int]:
     finally:
         os.close(pidfd)
     raise ApiError(409, "SANDBOX_NOT_RUNNING", f"sandbox {sid} has no running init")
-
-
-def _pid_of(pidfd: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError), open(f"/proc/self/fdinfo/{pidfd}") as f:
-        for line in f:
-            if line.startswith("Pid:"):
-                pid = int(line.split()[1])
-                return pid if pid > 0 else None
-    return None
