@@ -47,7 +47,9 @@ import aiohttp
 from aiohttp import web
 
 from ..host.model import GIVEN_ID, LIVE, ApiError, CreateSpec
+from ..host.snapshots import COMPLETED
 from . import keys
+from . import snapshots as fleet_snapshots
 from .hop import HOP, RESTORE_OF
 from .placement import Reservation, reserve
 from .store import ROOT, Entry, Etcd, Unavailable
@@ -411,7 +413,17 @@ class Mover:
             await self._drop_snapshot(url, ns, snap)
             why = (data.get("error_details") or {}).get("message") or data.get("status")
             raise Refused(f"its snapshot did not complete: {why}")
-        return snap
+        # The target takes the snapshot's record from etcd, which the source's agent
+        # updates within a mirror round: on a busy node that can outlast the few
+        # seconds a restore waits for it, so the mover waits here instead.
+        while time.monotonic() < deadline:
+            e = await self.etcd.read(keys.snapshot(ns, snap))
+            published = None if e is None else fleet_snapshots.snapshot_of(e.value)
+            if published is not None and published.status == COMPLETED:
+                return snap
+            await asyncio.sleep(0.1)
+        await self._drop_snapshot(url, ns, snap)
+        raise Refused("its snapshot completed, but the fleet's record of it never said so")
 
     async def _reserve(self, rec: dict[str, Any], ns: str, shared: str) -> Reservation:
         """Room on a node that mounts the same snapshot store (not this one)."""
