@@ -74,6 +74,7 @@ MOVED_KEEP_S = 60  # how long a done move's key stays for fronts and the source 
 FOLLOW_EVERY_S = 0.25  # how often a front looks for moves (to forget a moved sandbox's node)
 SNAPSHOT_WAIT_S = 600.0
 SOURCE_END_WAIT_S = 30.0
+PUBLISH_WAIT_S = 30.0  # a completed snapshot until etcd's record of it says so
 _SID = re.compile(r"^sbx-[0-9a-f]{16}$")
 
 
@@ -415,15 +416,16 @@ class Mover:
             raise Refused(f"its snapshot did not complete: {why}")
         # The target takes the snapshot's record from etcd, which the source's agent
         # updates within a mirror round: on a busy node that can outlast the few
-        # seconds a restore waits for it, so the mover waits here instead.
-        while time.monotonic() < deadline:
+        # seconds a restore waits for it, so the mover gives it longer first (and
+        # then lets the restore say what it finds: never a drain that hangs).
+        settled = time.monotonic() + PUBLISH_WAIT_S
+        while time.monotonic() < settled:
             e = await self.etcd.read(keys.snapshot(ns, snap))
             published = None if e is None else fleet_snapshots.snapshot_of(e.value)
             if published is not None and published.status == COMPLETED:
-                return snap
+                break
             await asyncio.sleep(0.1)
-        await self._drop_snapshot(url, ns, snap)
-        raise Refused("its snapshot completed, but the fleet's record of it never said so")
+        return snap
 
     async def _reserve(self, rec: dict[str, Any], ns: str, shared: str) -> Reservation:
         """Room on a node that mounts the same snapshot store (not this one)."""
