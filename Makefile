@@ -75,10 +75,12 @@ ts-sdk: venv
 # its module fixtures (hosts, a fleet's etcd) stay one worker's, and every test makes
 # its own ports, state dirs, netns and cgroups. The files that keep both cores busy by
 # themselves (gVisor on ptrace, image builds, a wheel install) run after, alone, so
-# they never starve another file's timing-sensitive waits.
+# they never starve another file's timing-sensitive waits; so does the fleet's drain
+# file, whose moves (snapshot, restore, commit across three nodes) failed in two of
+# five fresh-clone runs beside another file and never alone.
 TEST_WORKERS ?= 2
 SERIAL_TESTS := tests/test_host_gvisor.py tests/test_host_gvisor_checkpoint.py \
-	tests/test_host_images.py tests/test_packaging.py
+	tests/test_host_images.py tests/test_packaging.py tests/test_fleet_drain.py
 test: venv host-deps image ts-sdk
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile \
