@@ -7,9 +7,19 @@ import pytest
 from sandboxd.fleet import keys
 from sandboxd.fleet.hop import hop_value
 from sandboxd.fleet.lost import lost_value, orphans
+from sandboxd.fleet.node import (
+    END_ABORTED,
+    END_MOVED,
+    FINAL,
+    GIVE_UP,
+    WAIT,
+    Unpublished,
+    copy_fate,
+)
 from sandboxd.fleet.placement import no_capacity, rooms
 from sandboxd.fleet.store import Entry, grpc_target, parse_cluster
 from sandboxd.host.model import CreateSpec
+from sandboxd.host.snapshots import COMPLETED, IN_PROGRESS, Snapshot
 
 
 def test_cluster_urls() -> None:
@@ -138,3 +148,59 @@ def test_a_pool_is_split_over_the_emptiest_nodes() -> None:
         "a": {"warm": 1, "max": 1},
         "b": {"warm": 1, "max": 1},
     }
+
+
+def _snapshot(status: str) -> Snapshot:
+    return Snapshot(
+        id="snap-0123456789abcdef",
+        namespace="default",
+        sandbox_id="sbx-0123456789abcdef",
+        status=status,
+        base_image="default",
+        cpus=1.0,
+        memory_mb=128,
+        disk_mb=1024,
+        created_at=0.0,
+        compression="zst",
+    )
+
+
+def test_a_snapshot_completed_while_its_progress_was_being_copied_is_copied_again() -> None:
+    """The snapshot is one object changed in place: identity cannot tell it changed.
+
+    Seen in CI: the node copied "in progress" to etcd, the snapshot completed
+    during that round trip, and the node then forgot it, so etcd said "in
+    progress" for ever and a restore on another node was refused (or a drain
+    waited on it).
+    """
+    changes = Unpublished()
+    s = _snapshot(IN_PROGRESS)
+    changes.note(s)
+    [(taken, change)] = changes.pending()
+    assert taken is s
+    s.status = COMPLETED  # ...during the copy of the "in progress" state
+    changes.note(s)
+    changes.published(taken, change)
+    [(again, later)] = changes.pending()
+    assert again.status == COMPLETED and later != change
+    changes.published(again, later)
+    assert changes.pending() == []
+
+
+def test_what_a_node_does_with_a_copy_the_fleet_puts_elsewhere() -> None:
+    running = {"node": "b", "record": {"status": "running"}}
+    ended = {"node": "b", "record": {"status": "terminated"}}
+    to_a = {"state": "restoring", "from": "b", "to": "a"}
+    moved_to_a = {**to_a, "state": "moved"}
+    moved_to_c = {"state": "moved", "from": "a", "to": "c"}
+    # A move here under way: the copy is the fleet's once the mover commits.
+    assert copy_fate("a", True, running, to_a) == WAIT
+    # The race seen in CI: the record was read before the mover's commit, the
+    # move key after it. The copy is the fleet's now; ending it lost the sandbox.
+    assert copy_fate("a", True, running, moved_to_a) == WAIT
+    # The source of a done move ends its copy as moved; a copy of a move that
+    # never committed (no key) as aborted; one the fleet ended meanwhile gives up.
+    assert copy_fate("a", True, running, moved_to_c) == END_MOVED
+    assert copy_fate("a", True, running, None) == END_ABORTED
+    assert copy_fate("a", True, ended, None) == GIVE_UP
+    assert copy_fate("a", False, running, None) == FINAL

@@ -26,8 +26,8 @@ key* (``moves/{ns}/{id}``), whose states are kept in :data:`TRANSITIONS`:
   node when they see the key (:func:`follow`).
 
 A target node whose copy is not (or no longer) the fleet's, with no move to it
-under way, ends that copy (reason ``move_aborted``): what a mover that died
-after the restore leaves behind.
+under way or just committed, ends that copy (reason ``move_aborted``): what a
+mover that died after the restore leaves behind (``node.copy_fate``).
 """
 
 from __future__ import annotations

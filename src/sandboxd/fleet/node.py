@@ -64,6 +64,62 @@ def ended_in_fleet(value: dict[str, Any]) -> bool:
     return value.get("record", {}).get("status") not in LIVE
 
 
+class Unpublished:
+    """Snapshots changed here since their state was last copied to etcd.
+
+    A snapshot is one object changed in place (in progress, then completed), so
+    "the same object as before the copy" cannot tell whether it changed during
+    the copy's etcd round trip: a count per change can. A change seen during
+    the copy keeps the snapshot for the next round (else a completion that
+    landed mid-copy was never published, and a restore elsewhere waited on it).
+    """
+
+    def __init__(self) -> None:
+        self._changes: dict[str, tuple[Snapshot, int]] = {}
+        self._count = 0
+
+    def note(self, s: Snapshot) -> None:
+        self._count += 1
+        self._changes[s.id] = (s, self._count)
+
+    def pending(self) -> list[tuple[Snapshot, int]]:
+        return list(self._changes.values())
+
+    def published(self, s: Snapshot, change: int) -> None:
+        """Copied as it was at ``change``: forgotten unless it changed since."""
+        held = self._changes.get(s.id)
+        if held is not None and held[1] == change:
+            del self._changes[s.id]
+
+
+# What a node does with a live copy the fleet's record puts on another node.
+WAIT, FINAL, GIVE_UP, END_MOVED, END_ABORTED = (
+    "wait",
+    "final",
+    "give_up",
+    "end_moved",
+    "end_aborted",
+)
+
+
+def copy_fate(node: str, live: bool, fleet: dict[str, Any], moving: dict[str, Any] | None) -> str:
+    """A copy here whose fleet record (``fleet``, read first) names another node.
+
+    ``moving`` is the sandbox's move key, read *after* the record: a mover may
+    have committed in between. A move *to* this node, under way or just
+    committed, makes the copy the fleet's (the next round finds the record
+    naming this node); ending it then would leave the fleet a record of a
+    sandbox that runs nowhere.
+    """
+    if not live:
+        return FINAL
+    if moving is not None and moving.get("to") == node:
+        return WAIT
+    if ended_in_fleet(fleet):
+        return GIVE_UP
+    return END_MOVED if moving is not None and moving.get("from") == node else END_ABORTED
+
+
 class NodeAgent:
     def __init__(
         self,
@@ -82,7 +138,7 @@ class NodeAgent:
         # The reservations of creates placed here (join.py: the node's front's).
         self.reserved = Reserved()
         # Snapshots taken, settled or deleted here since last copied to etcd.
-        self._snaps: dict[str, Snapshot] = {}
+        self._snaps = Unpublished()
         self.lease = 0
         self.started_at = time.time()
         self._published: dict[str, bytes] = {}  # id -> value we last wrote
@@ -100,7 +156,7 @@ class NodeAgent:
         manager.snapshots.listeners.append(self._snapshot_changed)
 
     def _snapshot_changed(self, s: Snapshot) -> None:
-        self._snaps[s.id] = s
+        self._snaps.note(s)
         self._wake.set()
 
     # -- joining ----------------------------------------------------------
@@ -192,12 +248,11 @@ class NodeAgent:
         return {"node": self.node, "record": dataclasses.asdict(rec)}
 
     async def mirror(self) -> None:
-        for sid, snap in list(self._snaps.items()):  # first: a restore elsewhere may wait on it
+        for snap, change in self._snaps.pending():  # first: a restore elsewhere may wait on it
             await fleet_snapshots.publish(
                 self.etcd, self.node, self.snapshot_dir, self.m.snapshots, snap
             )
-            if self._snaps.get(sid) is snap:
-                del self._snaps[sid]
+            self._snaps.published(snap, change)
         await self._moved_away()
         records = self.m.store.all()
         for rec in records:
@@ -259,21 +314,17 @@ class NodeAgent:
         self._theirs.add(rec.id)
         self._revs.pop(rec.id, None)
         self._names.pop(rec.id, None)  # the name key is the other node's: left alone
-        if not rec.live:
-            self._final.add(rec.id)
+        mv = await self.etcd.get(move.move_key(rec.namespace, rec.id)) if rec.live else None
+        fate = copy_fate(self.node, rec.live, cur.value, None if mv is None else mv.value)
+        if fate == WAIT:  # ours once the mover commits (or just did); ended by it if it gives up
             return
-        mv = await self.etcd.get(move.move_key(rec.namespace, rec.id))
-        moving = None if mv is None else mv.value
-        if moving is not None and moving.get("to") == self.node and moving["state"] != move.MOVED:
-            return  # ours once the mover commits; ended by it if it gives up
-        if ended_in_fleet(cur.value):
-            self._final.add(rec.id)
-            await self._give_up(rec, cur.value)
-            return
-        reason = move.MOVED if moving and moving.get("from") == self.node else move.MOVE_ABORTED
-        log.info("sandbox %s: node %s has it in the fleet; ending this copy", rec.id, cur.value)
         self._final.add(rec.id)
-        await self.m.terminate(rec.id, reason)
+        if fate == GIVE_UP:
+            await self._give_up(rec, cur.value)
+        elif fate in (END_MOVED, END_ABORTED):
+            log.info("sandbox %s: node %s has it in the fleet; ending this copy", rec.id, cur.value)
+            reason = move.MOVED if fate == END_MOVED else move.MOVE_ABORTED
+            await self.m.terminate(rec.id, reason)
 
     async def _moved_away(self) -> None:
         """Copies of sandboxes moved from here (a done move's key): ended, reason ``moved``."""
