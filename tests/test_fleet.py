@@ -687,13 +687,48 @@ def test_a_snapshot_taken_through_one_front_restores_through_another(fleet: Flee
             terminate(gw, i)
 
 
-def _etcdctl(fleet: Fleet, *args: str) -> str:
-    r = subprocess.run(
-        [etcd_fixture.ETCDCTL, "--endpoints", ",".join(fleet.etcd.endpoints), *args],
-        capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+def test_the_archive_is_the_fleets_through_every_front(fleet: Fleet) -> None:
+    """Ended sandboxes of every node, paged as a lone host pages them, through any front."""
+    import warnings
+
+    from tensorlake.sandbox import SandboxClient
+    from tensorlake.sandbox.exceptions import SandboxError
+
+    gw = fleet.gateway_url
+    ended = []
+    for node in ("a", "b", "a"):
+        with only_on(fleet, node):
+            r = create(gw, resources={"cpus": 1.0, "memory_mb": 130})
+        assert r.status_code == 200, r.text
+        ended.append(r.json()["sandbox_id"])
+        terminate(gw, ended[-1])
+    live = create(gw).json()["sandbox_id"]
+    try:
+        for url in (gw, fleet.nodes["a"].url, fleet.nodes["b"].url):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                client = SandboxClient(api_url=url, api_key=None)
+            seen: list[str] = []
+            page = client.list_archived(limit=2)
+            assert len(page.sandboxes) == 2 and page.next_cursor, url
+            seen += [s.sandbox_id for s in page.sandboxes]
+            rest = client.list_archived(limit=2, cursor=page.next_cursor)
+            seen += [s.sandbox_id for s in rest.sandboxes]
+            # Newest first, whichever node each ran on; the live one is not archived.
+            assert seen[:3] == ended[::-1], (url, seen)
+            assert live not in seen
+            one = client.get_archived(ended[1])
+            assert (one.status.value, one.resources.memory_mb) == ("terminated", 130)
+            assert one.outcome == "Success(user_terminated)"
+            with pytest.raises(SandboxError) as e:
+                client.get_archived(live)
+            assert "SANDBOX_NOT_ARCHIVED" in str(e.value)
+        got = httpx.get(f"{gw}/v1/namespaces/default/archived-sandboxes/{ended[1]}", timeout=10)
+        assert got.json()["node"] == "b"
+        bad = httpx.get(f"{gw}/v1/namespaces/default/archived-sandboxes?cursor=x", timeout=10)
+        assert (bad.status_code, bad.json()["code"]) == (400, "INVALID_CURSOR")
+    finally:
+        terminate(gw, live)
 
 
 def _node_lease(fleet: Fleet, node: str) -> str:

@@ -1,7 +1,7 @@
 """The fleet's front: one API for every sandbox of the fleet, on any node or a gateway.
 
 Two middlewares. :meth:`Front.api` (inside the token check) answers the
-lifecycle routes from etcd (list, an ended sandbox's get), places creates
+lifecycle routes from etcd (list, an ended sandbox's get, the archive), places creates
 (:mod:`.placement`, names by a create-if-absent key) and forwards everything
 about a sandbox on another node (lifecycle calls and ``/api/v1/*``, SSE and
 websockets included) to that node's advertised URL. :meth:`Front.ports`
@@ -36,7 +36,7 @@ from aiohttp import web
 
 from ..edge import error_response, read_json
 from ..edge.auth import presented_key
-from ..host import ingress, labels, proxy
+from ..host import archive, ingress, labels, proxy
 from ..host.model import (
     LIVE,
     PENDING,
@@ -63,6 +63,7 @@ log = logging.getLogger("sandboxd.fleet")
 _LIFECYCLE = re.compile(r"^/v1/namespaces/([^/]+)/sandboxes(?:/([^/]+)(/.*)?)?$")
 _SNAPSHOT = re.compile(r"^/v1/namespaces/([^/]+)/snapshots/([^/]+)$")
 _SNAPSHOTS = re.compile(r"^/v1/namespaces/([^/]+)/snapshots$")
+_ARCHIVED = re.compile(r"^/v1/namespaces/([^/]+)/archived-sandboxes(?:/([^/]+))?$")
 _FIELDS = {f.name for f in dataclasses.fields(Record)}
 MAX_REMEMBERED = 100_000  # sandbox locations a front keeps (for proxying without etcd)
 
@@ -237,6 +238,9 @@ class Front:
         listed = _SNAPSHOTS.match(request.path)
         if listed is not None and request.method == "GET":
             return await self.list_snapshots(check_namespace(listed[1]))
+        ended = _ARCHIVED.match(request.path)
+        if ended is not None and request.method == "GET":
+            return await self.archived(request, check_namespace(ended[1]), ended[2])
         snap = _SNAPSHOT.match(request.path)
         if snap is not None:
             return await self._snapshot(request, handler, check_namespace(snap.group(1)), snap[2])
@@ -305,8 +309,8 @@ class Front:
             f"sandbox {rec.id} is {rec.status} ({rec.termination_reason}): nothing to do",
         )
 
-    async def list_(self, request: web.Request, ns: str) -> web.StreamResponse:
-        """Every node's sandboxes, from etcd, with the host's own query (labels.py)."""
+    async def _records(self, ns: str) -> tuple[list[Record], dict[str, str]]:
+        """Every node's sandboxes of ``ns`` from etcd, and the node of each."""
         _, entries = await self.etcd.prefix(f"{keys.SANDBOXES}{ns}/", serializable=True)
         _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
         alive = {n.value["node"] for n in nodes}
@@ -321,6 +325,11 @@ class Front:
             where[rec.id] = value["node"]
             if rec.status in LIVE:
                 self._remember(e)
+        return recs, where
+
+    async def list_(self, request: web.Request, ns: str) -> web.StreamResponse:
+        """Every node's sandboxes, from etcd, with the host's own query (labels.py)."""
+        recs, where = await self._records(ns)
         chosen, next_cursor = labels.query(
             recs, ns, request.query, lambda k: request.query.getall(k, [])
         )
@@ -331,6 +340,23 @@ class Front:
         if next_cursor is not None:
             body["next_cursor"] = next_cursor
         return web.json_response(body)
+
+    async def archived(self, request: web.Request, ns: str, ident: str | None) -> web.Response:
+        """The fleet's archive: every node's ended sandboxes, as etcd keeps them.
+
+        A node copies each record to etcd until its own archive lets it go
+        (``SANDBOXD_ARCHIVE_MAX``), so etcd holds the union of the nodes'
+        archives, plus the sandboxes of lost nodes (ended ``node_lost``).
+        Paged and shaped as a lone host's (host/archive.py).
+        """
+        recs, where = await self._records(ns)
+        if ident is not None:
+            rec = archive.find(recs, ns, ident)
+            return web.json_response({**archive.archived_info(rec), "node": where[rec.id]})
+        q = request.query
+        limit = archive.parse_limit(q.get("limit"))
+        ended = [r for r in recs if r.status not in LIVE]
+        return web.json_response(archive.page(ended, limit, q.get("cursor"), q.get("direction")))
 
     def _headers(self, request: web.Request) -> dict[str, str]:
         # Origin was checked here (cross_site_guard): the node would see this front's port in it.

@@ -28,8 +28,8 @@ from ..edge.auth import grant_of
 from ..host.domain import DEFAULT_NAMESPACE
 from ..host.model import ApiError
 
-# The SDK's flat paths the fleet answers for every node (the archive stays a node's).
-FLAT = re.compile(r"^/(sandboxes|snapshots|sandbox-pools)(/.*)?$")
+# The SDK's flat paths the fleet answers for every node.
+FLAT = re.compile(r"^/(sandboxes|snapshots|sandbox-pools|archived-sandboxes)(/.*)?$")
 NAMESPACED = re.compile(r"^/v1/namespaces/([^/]+)(/.*)?$")
 
 
