@@ -22,22 +22,16 @@ file exists (revoking the last key must not open the fleet to everyone).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-import logging
-import random
 
 from ..host.apikeys import KeyError_, StoredKey, match, new_key
 from ..host.model import check_namespace
 from . import keys
-from .store import Etcd, Unavailable
-
-log = logging.getLogger("sandboxd.fleet")
+from .store import Entry, Etcd
+from .watched import WatchedPrefix
 
 WATCHED = keys.APIKEYS.rstrip("/")  # the records and the "made" mark, one prefix
 RESYNC_S = 10.0  # a full read at least this often, whatever the watch says
-BACKOFF_MAX_S = 5.0
 
 
 def _stored(value: dict[str, object]) -> StoredKey | None:
@@ -60,9 +54,7 @@ class FleetKeys:
         self._digests: tuple[tuple[bytes, StoredKey], ...] = ()
         self._made = False
         self._loaded = False
-        self._rev = 0  # the etcd revision the keys were last read at
-        self._task: asyncio.Task[None] | None = None
-        self.reads = 0  # full reads so far (tests and logs)
+        self._watched = WatchedPrefix(etcd, WATCHED, "api keys", RESYNC_S, self._load)
 
     # -- the KeyStore interface (called per request, no I/O) -----------------------
 
@@ -72,23 +64,20 @@ class FleetKeys:
     def in_use(self) -> bool:
         return self._made or not self._loaded
 
-    # -- keeping current -----------------------------------------------------------
+    # -- keeping current (fleet/watched.py) ------------------------------------------
+
+    @property
+    def reads(self) -> int:
+        return self._watched.reads
 
     async def start(self) -> None:
         """The first read (a front that cannot read its keys does not serve), then the watch."""
-        await self.sync()
-        self._task = asyncio.ensure_future(self._follow(self._rev))
+        await self._watched.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await self._watched.stop()
 
-    async def sync(self) -> int:
-        """Read every key (linearizable); returns the revision read at."""
-        rev, entries = await self.etcd.prefix(WATCHED)
+    def _load(self, entries: list[Entry]) -> None:
         found = []
         made = False
         for e in entries:
@@ -99,42 +88,6 @@ class FleetKeys:
         self._digests = tuple((bytes.fromhex(k.sha256), k) for k in found)
         self._made = made or bool(found)
         self._loaded = True
-        self._rev = rev
-        self.reads += 1
-        return rev
-
-    async def _follow(self, rev: int) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await self._watch_from(rev + 1)
-                delay = 0.2
-                rev = await self.sync()  # the periodic full read
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd unreachable, the stream broke: read and watch again
-                log.warning("api keys: the watch on etcd broke (%s); again in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (1 + random.random() / 2))
-                delay = min(BACKOFF_MAX_S, delay * 2)
-                with contextlib.suppress(Exception):  # a read first: what the break hid
-                    rev = await self.sync()
-
-    async def _watch_from(self, revision: int) -> None:
-        """Until RESYNC_S passes: every change read again (the key set is small)."""
-        try:
-            watch = await self.etcd.client.watch_prefix(WATCHED.encode(), start_revision=revision)
-        except Exception as exc:
-            raise Unavailable(f"watch: {exc}") from exc
-        try:
-            async with asyncio.timeout(RESYNC_S):
-                async for event in watch:
-                    if event.kv.mod_revision > self._rev:  # one read per change, not per key
-                        await self.sync()
-        except TimeoutError:
-            pass  # the periodic full read comes next
-        finally:
-            with contextlib.suppress(Exception):
-                await watch.cancel()
 
 
 # -- the operator's side: sandboxd host keys ... --cluster ------------------------------

@@ -57,6 +57,7 @@ from .hop import HOP, RESTORE_OF, fleet_hop, node_session
 from .placement import RESERVATION, Reservation, Reserved, reserve
 from .refill import ShareAsks
 from .store import Entry, Etcd, Unavailable
+from .watched import WatchedPrefix
 
 log = logging.getLogger("sandboxd.fleet")
 
@@ -80,8 +81,12 @@ class Front:
         token: str | None,
         lease_of: Callable[[], int] | None = None,
         ttl: int = 10,
+        moves: WatchedPrefix | None = None,
     ) -> None:
         self.etcd, self.node, self.ttl = etcd, node, ttl
+        # The move keys (a node's agent reads the same): a move drops what we remembered.
+        self.moves = moves if moves is not None else move.watched(etcd)
+        self.moves.listeners.append(lambda entries: move.forget_moved(self, entries))
         self.hop = secrets.token_hex(32)  # matches nothing until start() reads the fleet's
         self.token = token  # the fleet's own calls (no client behind them) carry it
         self._lease_of = lease_of
@@ -109,7 +114,7 @@ class Front:
             self._own_lease = await self.etcd.grant(self.ttl)
             self._tasks.append(asyncio.ensure_future(self._keepalive()))
         self._tasks.append(asyncio.ensure_future(self._sweep_loop()))
-        self._tasks.append(asyncio.ensure_future(move.follow(self)))  # moved: ask etcd again
+        await self.moves.start()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -117,6 +122,7 @@ class Front:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.refills.stop()
         await self.keys.stop()
+        await self.moves.stop()
         for s in self._sessions.values():
             await s.close()
 
@@ -159,7 +165,7 @@ class Front:
         try:
             if ns is not None:
                 e = await self.etcd.read(keys.sandbox(ns, sid))
-            elif sid in self._where:  # no read per request (a move drops it: move.follow)
+            elif sid in self._where:  # no read per request (a move drops it: move.forget_moved)
                 return self._where[sid]
             else:
                 _, entries = await self.etcd.prefix(keys.SANDBOXES, serializable=True)

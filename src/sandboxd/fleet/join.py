@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ..host.manager import Manager
 from .front import Front
+from .move import watched as watched_moves
 from .node import DEFAULT_RESTART_GRACE_S, DEFAULT_TTL_S, NodeAgent
 from .store import Etcd, Tls, Unavailable
 
@@ -36,6 +37,7 @@ class Joined:
         if opts.snapshot_dir is not None:
             shared = str(opts.snapshot_dir.resolve())
             manager.snapshots.use_dir(Path(shared))  # before the host's recovery reads it
+        moves = watched_moves(self.etcd)  # one watch for the agent and the front
         self.agent = NodeAgent(
             self.etcd,
             manager,
@@ -45,9 +47,15 @@ class Joined:
             slots=opts.slots,
             restart_grace=opts.restart_grace,
             snapshot_dir=shared,
+            moves=moves,
         )
         self.front = Front(
-            self.etcd, opts.node, token, lease_of=lambda: self.agent.lease, ttl=opts.ttl
+            self.etcd,
+            opts.node,
+            token,
+            lease_of=lambda: self.agent.lease,
+            ttl=opts.ttl,
+            moves=moves,
         )
         self.front.snapshots = manager.snapshots
         self.agent.reserved = self.front.reserved

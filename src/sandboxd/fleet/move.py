@@ -23,7 +23,7 @@ key* (``moves/{ns}/{id}``), whose states are kept in :data:`TRANSITIONS`:
   (:mod:`.node`) then ends its own copy (reason ``moved``); a copy there that
   ended otherwise meanwhile (a DELETE racing the commit) ends the moved one too,
   so nothing is resurrected. Fronts drop what they remembered of the sandbox's
-  node when they see the key (:func:`follow`).
+  node when their watch brings the key (:func:`forget_moved`).
 
 A target node whose copy is not (or no longer) the fleet's, with no move to it
 under way or just committed, ends that copy (reason ``move_aborted``): what a
@@ -53,6 +53,7 @@ from . import snapshots as fleet_snapshots
 from .hop import HOP, RESTORE_OF
 from .placement import Reservation, reserve
 from .store import ROOT, Entry, Etcd, Unavailable
+from .watched import WatchedPrefix
 
 log = logging.getLogger("sandboxd.fleet")
 
@@ -71,7 +72,7 @@ TRANSITIONS: dict[str | None, frozenset[str | None]] = {
 MOVABLE = ("running", "suspended")
 MOVER_TTL_S = 10  # the mover's lease: its claims and reservations go when it dies
 MOVED_KEEP_S = 60  # how long a done move's key stays for fronts and the source to see
-FOLLOW_EVERY_S = 0.25  # how often a front looks for moves (to forget a moved sandbox's node)
+MOVES_RESYNC_S = 10.0  # the move keys read again at least this often, whatever the watch says
 SNAPSHOT_WAIT_S = 600.0
 SOURCE_END_WAIT_S = 30.0
 PUBLISH_WAIT_S = 30.0  # a completed snapshot until etcd's record of it says so
@@ -102,25 +103,21 @@ def _given(sid: str) -> Iterator[None]:
         GIVEN_ID.reset(token)
 
 
-async def moves(etcd: Etcd) -> list[Entry]:
-    """Every move key (usually none): read by each node agent and front, often."""
-    _, entries = await etcd.prefix(MOVES, serializable=True)
-    return entries
+def watched(etcd: Etcd) -> WatchedPrefix:
+    """Every move key (usually none), held by each node and front through a watch."""
+    return WatchedPrefix(etcd, MOVES, "moves", MOVES_RESYNC_S)
 
 
-async def follow(front: Any) -> None:
-    """A front's task: forget where a moved sandbox was, so its next request asks etcd."""
-    while True:
-        await asyncio.sleep(FOLLOW_EVERY_S)
-        with contextlib.suppress(Unavailable):
-            for e in await moves(front.etcd):
-                v = e.value
-                if v.get("state") != MOVED:
-                    continue
-                sid = e.key.rsplit("/", 1)[-1]
-                known = front._where.get(sid)
-                if known is not None and known.value.get("node") != v.get("to"):
-                    front._where.pop(sid, None)
+def forget_moved(front: Any, entries: list[Entry]) -> None:
+    """A front forgets where a moved sandbox was, so its next request asks etcd."""
+    for e in entries:
+        v = e.value
+        if v.get("state") != MOVED:
+            continue
+        sid = e.key.rsplit("/", 1)[-1]
+        known = front._where.get(sid)
+        if known is not None and known.value.get("node") != v.get("to"):
+            front._where.pop(sid, None)
 
 
 # -- the mover ----------------------------------------------------------------------

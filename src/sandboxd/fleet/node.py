@@ -30,6 +30,7 @@ from . import keys, move
 from . import snapshots as fleet_snapshots
 from .placement import Reserved
 from .store import Entry, Etcd, Unavailable, dump
+from .watched import WatchedPrefix
 
 log = logging.getLogger("sandboxd.fleet")
 
@@ -131,8 +132,12 @@ class NodeAgent:
         slots: int | None = None,
         restart_grace: int = DEFAULT_RESTART_GRACE_S,
         snapshot_dir: str | None = None,
+        moves: WatchedPrefix | None = None,
     ) -> None:
         self.etcd, self.m, self.node, self.url = etcd, manager, node, url
+        # The fleet's move keys, through a watch (shared with this node's front: join.py).
+        self.moves = moves if moves is not None else move.watched(etcd)
+        self.moves.listeners.append(lambda entries: self._wake.set())
         self.ttl, self.slots, self.restart_grace = ttl, slots, restart_grace
         self.snapshot_dir = snapshot_dir  # the fleet's shared snapshot store, if any
         # The reservations of creates placed here (join.py: the node's front's).
@@ -182,6 +187,7 @@ class NodeAgent:
 
     async def start(self) -> None:
         await self.join()
+        await self.moves.start()
         self._tasks = [
             asyncio.ensure_future(self._keepalive()),
             asyncio.ensure_future(self._mirror_loop()),
@@ -191,6 +197,7 @@ class NodeAgent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.moves.stop()
         with contextlib.suppress(Unavailable):
             await self._hand_over()
 
@@ -328,7 +335,7 @@ class NodeAgent:
 
     async def _moved_away(self) -> None:
         """Copies of sandboxes moved from here (a done move's key): ended, reason ``moved``."""
-        for e in await move.moves(self.etcd):
+        for e in self.moves.entries:
             v = e.value
             if v.get("state") != move.MOVED or v.get("from") != self.node:
                 continue
