@@ -651,6 +651,43 @@ def test_etcd_over_tls_with_client_certificates() -> None:
         etcd_fixture.stop_cluster(c)
 
 
+def test_the_lost_sweep_spares_a_node_that_joined_again_since_its_read() -> None:
+    """A front read a node's record as orphaned; the node joins before the front writes."""
+    import asyncio
+
+    from sandboxd.fleet import keys, lost
+    from sandboxd.fleet.store import Etcd
+
+    reason = etcd_fixture.missing()
+    if reason:
+        skip_with_reason(reason)
+    c = etcd_fixture.start_cluster(size=1)
+    record = {"id": "sbx-00000000000000aa", "namespace": "default", "status": "running"}
+
+    async def scenario() -> tuple[int, str, str]:
+        etcd = Etcd("etcd://127.0.0.1:" + str(c.client_ports[0]))
+        try:
+            for n in ("back", "gone"):
+                key = keys.sandbox("default", f"sbx-00000000000000{n[0]}{n[0]}")
+                await etcd.put(key, {"node": n, "record": {**record, "id": key[-20:]}})
+            _, entries = await etcd.prefix(keys.ROOT)
+            read = lost.orphans(entries)  # both orphaned at the read
+            await etcd.put(keys.node("back"), {"node": "back"})  # ...and "back" joins
+            ended = sum([await lost.end_lost(etcd, e, 0.0) for e in read])
+            now = {
+                e.value["node"]: e.value["record"]["status"]
+                for e in (await etcd.prefix(keys.SANDBOXES))[1]
+            }
+            return ended, now["back"], now["gone"]
+        finally:
+            await etcd.close()
+
+    try:
+        assert asyncio.run(scenario()) == (1, "running", "terminated")
+    finally:
+        etcd_fixture.stop_cluster(c)
+
+
 def test_a_snapshot_taken_through_one_front_restores_through_another(fleet: Fleet) -> None:
     from tensorlake.sandbox import Sandbox
 

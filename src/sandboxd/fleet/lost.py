@@ -2,9 +2,9 @@
 
 Failure detection is etcd's: a node's key is deleted when its lease expires.
 Every front sweeps: a live record whose node has no key is ended by a
-transaction that checks the record did not change since it was read, so two
-fronts sweeping at once write it once, and a node that came back and wrote
-first wins. The name went with the node's lease already.
+transaction that checks the record did not change since it was read and the
+node is still gone, so two fronts sweeping at once write it once, and a node
+that came back first wins. The name went with the node's lease already.
 """
 
 from __future__ import annotations
@@ -55,17 +55,22 @@ async def free_name(etcd: Etcd, rec: dict[str, Any]) -> None:
         await etcd.transaction([etcd.unchanged(key, cur.mod_revision)], [etcd.delete_op(key)])
 
 
+async def end_lost(etcd: Etcd, e: Entry, now: float) -> bool:
+    """Report one orphan (as read) lost; False if it changed or its node is back."""
+    # Only while its node is still gone: one that joined again since the read keeps
+    # its sandboxes (its lease had run out, its copies had not).
+    ok = await etcd.transaction(
+        [etcd.unchanged(e.key, e.mod_revision), etcd.absent(keys.node(str(e.value.get("node"))))],
+        [etcd.put_op(e.key, lost_value(e.value, now))],
+    )
+    if ok:
+        await free_name(etcd, e.value["record"])
+        log.warning("sandbox %s reported lost with node %s", e.key, e.value.get("node"))
+    return ok
+
+
 async def sweep(etcd: Etcd) -> int:
     """End every orphan; returns how many this call ended."""
     _, entries = await etcd.prefix(keys.ROOT)
-    done = 0
     now = time.time()
-    for e in orphans(entries):
-        ok = await etcd.transaction(
-            [etcd.unchanged(e.key, e.mod_revision)], [etcd.put_op(e.key, lost_value(e.value, now))]
-        )
-        if ok:
-            done += 1
-            await free_name(etcd, e.value["record"])
-            log.warning("sandbox %s reported lost with node %s", e.key, e.value.get("node"))
-    return done
+    return sum([await end_lost(etcd, e, now) for e in orphans(entries)])
