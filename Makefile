@@ -37,12 +37,13 @@ HOST_PKGS := bubblewrap nftables mmdebstrap zstd e2fsprogs iproute2 runsc skopeo
 # Chromium: the browser tests of the web console (tests/test_host_console.py).
 # etcd (server and etcdctl): the fleet's tests start a three-member cluster (tests/test_fleet*.py).
 # OpenSSH's client: the SSH gateway is tested with the real ssh, scp and sftp (tests/test_ssh.py).
-TEST_PKGS := docker-registry apache2-utils busybox-static chromium etcd-server etcd-client openssh-client
+# sqlite3: docs/deploy.md's backup commands are run as written (tests/test_deploy_doc.py).
+TEST_PKGS := docker-registry apache2-utils busybox-static chromium etcd-server etcd-client openssh-client sqlite3
 host-deps:
 	@missing=""; for t in bwrap:bubblewrap nft:nftables mmdebstrap:mmdebstrap zstd:zstd \
 	    mkfs.ext4:e2fsprogs ip:iproute2 runsc:runsc skopeo:skopeo umoci:umoci buildah:buildah \
 	    docker-registry:docker-registry htpasswd:apache2-utils busybox:busybox-static \
-	    chromium:chromium etcd:etcd-server etcdctl:etcd-client ssh:openssh-client; do \
+	    chromium:chromium etcd:etcd-server etcdctl:etcd-client ssh:openssh-client sqlite3:sqlite3; do \
 	  command -v $${t%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null 2>&1 \
 	    || missing="$$missing $${t#*:}"; done; \
 	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
@@ -75,12 +76,10 @@ ts-sdk: venv
 # its module fixtures (hosts, a fleet's etcd) stay one worker's, and every test makes
 # its own ports, state dirs, netns and cgroups. The files that keep both cores busy by
 # themselves (gVisor on ptrace, image builds, a wheel install) run after, alone, so
-# they never starve another file's timing-sensitive waits; so does the fleet's drain
-# file, whose moves (snapshot, restore, commit across three nodes) failed in two of
-# five fresh-clone runs beside another file and never alone.
+# they never starve another file's timing-sensitive waits.
 TEST_WORKERS ?= 2
 SERIAL_TESTS := tests/test_host_gvisor.py tests/test_host_gvisor_checkpoint.py \
-	tests/test_host_images.py tests/test_packaging.py tests/test_fleet_drain.py
+	tests/test_host_images.py tests/test_packaging.py
 test: venv host-deps image ts-sdk
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile \

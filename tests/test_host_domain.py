@@ -76,6 +76,8 @@ def domain_host(state_root: Path) -> Iterator[Host]:
 def _cleanup_admin(h: Host) -> None:
     with httpx.Client(base_url=h.url, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
         for ns in ("default", "team-a"):
+            for pool in c.get(f"/v1/namespaces/{ns}/sandbox-pools").json().get("pools", []):
+                c.delete(f"/v1/namespaces/{ns}/sandbox-pools/{pool['id']}")
             r = c.get(f"/v1/namespaces/{ns}/sandboxes")
             for s in r.json().get("sandboxes", []):
                 c.delete(f"/v1/namespaces/{ns}/sandboxes/{s['id']}")
@@ -179,6 +181,83 @@ CLIENT = textwrap.dedent(
 )
 
 
+# The rest of the SDK's lifecycle calls, at the flat paths of domain mode.
+CLIENT_MORE = textwrap.dedent(
+    """
+    import json, time
+    import httpx
+    from tensorlake.sandbox import Sandbox, SandboxClient
+
+    out = {}
+    client = SandboxClient()
+    sbx = Sandbox.get_or_create(name="domain-named", memory_mb=256)
+    out["get_or_create"] = Sandbox.get_or_create(name="domain-named").sandbox_id == sbx.sandbox_id
+    out["connect"] = Sandbox.connect(sbx.sandbox_id).run("echo", args=["by-id"]).stdout.strip()
+    out["client_get"] = client.get("domain-named").sandbox_id == sbx.sandbox_id
+    p = sbx.start_process("sleep", args=["300"])
+    out["processes"] = p.pid in [x.pid for x in sbx.list_processes()]
+    sbx.kill_process(p.pid)
+    cat = sbx.start_process("cat", stdin_mode="pipe")
+    sbx.write_stdin(cat.pid, b"piped\\n")
+    sbx.close_stdin(cat.pid)
+    end = time.monotonic() + 20
+    while sbx.get_process(cat.pid).status.value == "running" and time.monotonic() < end:
+        time.sleep(0.05)
+    out["stdin"] = sbx.get_stdout(cat.pid).lines
+    out["health"] = sbx.health().healthy
+    out["ports"] = client.expose_ports(sbx.sandbox_id, [9000]).exposed_ports
+    out["port_access"] = client.get_port_access(sbx.sandbox_id).exposed_ports
+    out["unexposed"] = client.unexpose_ports(sbx.sandbox_id, [9000]).exposed_ports
+    sbx.write_file("/root/d/x.txt", b"x")
+    out["dir"] = [e.name for e in sbx.list_directory("/root/d").entries]
+    sbx.delete_file("/root/d/x.txt")
+    sbx.suspend()
+    out["suspended"] = client.get(sbx.sandbox_id).status.value
+    sbx.resume()
+    out["resumed"] = sbx.run("echo", args=["back"]).stdout.strip()
+    out["resized"] = sbx.update(memory_mb=320).resources.memory_mb
+    out["renamed"] = sbx.update(name="domain-renamed").name
+    snap = sbx.checkpoint()
+    out["sandbox_snapshots"] = snap.snapshot_id in [s.snapshot_id for s in sbx.list_snapshots()]
+    out["all_snapshots"] = snap.snapshot_id in [s.snapshot_id for s in client.list_snapshots()]
+    out["get_snapshot"] = client.get_snapshot(snap.snapshot_id).status.value
+    client.delete_snapshot(snap.snapshot_id)
+    copies = sbx.copy(times=1)
+    out["copies"] = len(copies.sandboxes)
+    for c in copies.sandboxes:
+        client.delete(c.sandbox_id)
+    pool = client.create_pool(image="python", memory_mb=256, warm_containers=0, max_containers=1)
+    client.update_pool(pool.pool_id, image="python", memory_mb=256, max_containers=3)
+    out["pool_max"] = client.get_pool(pool.pool_id).max_containers
+    out["pools"] = pool.pool_id in [q.pool_id for q in client.list_pools()]
+    claimed = client.claim(pool.pool_id)
+    out["claim"] = claimed.status.value
+    client.delete(claimed.sandbox_id)
+    client.delete_pool(pool.pool_id)
+    # A volume (made with the host's own route, as the docs say) mounted live.
+    key = {"Authorization": "Bearer " + KEY}
+    r = httpx.post(sbx.info().sandbox_url + "/volumes", json={"name": "vol-d"}, headers=key)
+    out["volume"] = r.status_code
+    sbx.attach_file_system("vol-d", "/mnt/v")
+    out["mounted"] = [f.mount_path for f in sbx.list_file_systems()]
+    sbx.detach_file_system("/mnt/v")
+    out["log_processes"] = len(sbx.list_log_processes().processes) > 0
+    sbx.terminate()
+    out["archived"] = client.get_archived(sbx.sandbox_id).status.value
+    out["listed_archived"] = sbx.sandbox_id in [
+        a.sandbox_id for a in client.list_archived(limit=50).sandboxes
+    ]
+    print(json.dumps(out))
+    """
+)
+
+
+def printed_client_env(h: Host) -> dict[str, str]:
+    """The ``export NAME=value`` lines ``sandboxd host`` printed at start."""
+    lines = [ln.strip() for ln in h.log().splitlines() if ln.strip().startswith("export ")]
+    return dict(ln.removeprefix("export ").split("=", 1) for ln in lines)
+
+
 def test_names_do_not_resolve_outside_the_clients_namespace() -> None:
     """The control for everything below: only the child's /etc/hosts knows these names."""
     for name in (f"api.{DOMAIN}", f"sandbox.{DOMAIN}"):
@@ -192,7 +271,11 @@ def test_the_sdk_on_another_machine_uses_the_host_through_its_domain(
 ) -> None:
     key = make_key(domain_host.state, "team-a")
     port = int(domain_host.url.rsplit(":", 1)[1])
-    api = f"http://api.{DOMAIN}:{port}"
+    # Exactly what the host printed at start: the URL line is used as it is.
+    printed = printed_client_env(domain_host)
+    assert printed["TENSORLAKE_API_URL"] == f"http://api.{DOMAIN}:{port}"
+    assert "sandboxd host keys create --namespace NS" in printed["TENSORLAKE_API_KEY"]
+    api = printed["TENSORLAKE_API_URL"]
     script = CLIENT.replace("DOMAIN", DOMAIN).replace("KEY", repr(key))
     out = run_remote(tmp_path, script, {"TENSORLAKE_API_URL": api, "TENSORLAKE_API_KEY": key})
     assert out["resolved"] == "127.0.0.1"
@@ -214,6 +297,52 @@ def test_the_sdk_on_another_machine_uses_the_host_through_its_domain(
     assert_gone(domain_host, out["sandbox_id"])
     # The calls went to the flat paths on sandbox.<domain> (the request log says so).
     assert "POST /sandboxes 200" in domain_host.log()
+
+
+def test_the_rest_of_the_sdk_lifecycle_calls_work_in_domain_mode(
+    domain_host: Host, tmp_path: Path
+) -> None:
+    key = make_key(domain_host.state, "team-a")
+    env = {"TENSORLAKE_API_URL": printed_client_env(domain_host)["TENSORLAKE_API_URL"]}
+    script = CLIENT_MORE.replace("KEY", repr(key))
+    out = run_remote(tmp_path, script, {**env, "TENSORLAKE_API_KEY": key})
+    assert out == {
+        "get_or_create": True,
+        "connect": "by-id",
+        "client_get": True,
+        "processes": True,
+        "stdin": ["piped"],
+        "health": True,
+        "ports": [9000],
+        "port_access": [9000],
+        "unexposed": [],
+        "dir": ["x.txt"],
+        "suspended": "suspended",
+        "resumed": "back",
+        "resized": 320,
+        "renamed": "domain-renamed",
+        "sandbox_snapshots": True,
+        "all_snapshots": True,
+        "get_snapshot": "completed",
+        "copies": 1,
+        "pool_max": 3,
+        "pools": True,
+        "claim": "running",
+        "volume": 201,
+        "mounted": ["/mnt/v"],
+        "log_processes": True,
+        "archived": "terminated",
+        "listed_archived": True,
+    }
+    # The flat paths, as the SDK sends them in domain mode (the request log, which
+    # leaves out successful GETs, says so).
+    calls = {
+        " ".join(ln.split("sandboxd.http: ", 1)[1].split()[:2])
+        for ln in domain_host.log().splitlines()
+        if "sandboxd.http: " in ln
+    }
+    for call in ("PUT /sandbox-pools/", "POST /volumes", "POST /sandboxes/sbx-"):
+        assert any(c.startswith(call) for c in calls), (call, sorted(calls))
 
 
 def test_the_proxy_routes_by_host_name_and_by_header(domain_host: Host) -> None:
@@ -255,6 +384,10 @@ def test_localhost_mode_is_unchanged_without_a_public_url(state_root: Path) -> N
 
     h = start_host(state_root / "plain", warm=0)
     try:
+        # The start-up lines: this machine's loopback URL, and no key to set.
+        assert printed_client_env(h) == {"TENSORLAKE_API_URL": h.url}
+        assert "unset TENSORLAKE_API_KEY" in h.log()
+        assert "any other TENSORLAKE_API_URL sends the SDK's calls and key to" in h.log()
         sbx = Sandbox.create(api_url=h.url, api_key=None, memory_mb=256)
         try:
             assert sbx.info().sandbox_url == h.url

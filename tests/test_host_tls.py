@@ -40,6 +40,7 @@ from .test_host_domain import run_remote
 DOMAIN = "example.test"
 SANDBOX = f"sandbox.{DOMAIN}"
 ADMIN = "admin-token-tls"
+SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
@@ -255,6 +256,37 @@ def test_every_route_over_verified_tls(state_root: Path, pki: Pki) -> None:
                 headers=by_header,
                 extensions=th.ext(),
             )
+            # Files both ways, and the rest of the API's reads (the admin token).
+            r = c.put(
+                "/api/v1/files",
+                params={"path": "/root/tls.txt"},
+                content=b"over tls",
+                headers=by_header,
+                extensions=th.ext(),
+            )
+            assert r.status_code == 204, r.text
+            r = c.get(
+                "/api/v1/files",
+                params={"path": "/root/tls.txt"},
+                headers=by_header,
+                extensions=th.ext(),
+            )
+            assert r.content == b"over tls"
+            for path in (
+                "/snapshots",
+                "/sandbox-pools",
+                "/archived-sandboxes",
+                "/volumes",
+                f"/sandboxes/{sid}/processes",
+                "/health",
+                "/metrics",
+            ):
+                assert c.get(path, extensions=th.ext()).status_code == 200, path
+        # The log routes stay on the API URL's name (api.<domain>), namespaced.
+        api = f"api.{DOMAIN}"
+        with th.client(api) as c:
+            r = c.get(f"/v1/namespaces/default/sandboxes/{sid}/logs", extensions=th.ext(api))
+            assert r.status_code == 200 and r.json()["logs"], r.text
         port_name = f"8080-{sid}.{SANDBOX}"
         with th.client(port_name) as p:
             wait_for(lambda: p.get("/", extensions=th.ext(port_name)).status_code == 200, 20)
@@ -373,6 +405,28 @@ def test_the_sdk_refuses_a_private_ca(state_root: Path, pki: Pki, tmp_path: Path
         assert "UnknownIssuer" in out, out
         # Python's ssl in the same position trusts it (the CA itself is fine).
         assert served_serial(th.port, pki) == 100
+        # The CA added to the system's bundle (a copy with it appended, bound over
+        # the bundle in the client's own mount namespace): refused all the same,
+        # while a client that reads the system bundle (Python's ssl) accepts it.
+        bundle = tmp_path / "system-bundle.pem"
+        bundle.write_bytes(Path(SYSTEM_BUNDLE).read_bytes() + pki.ca_file.read_bytes())
+        in_system = (
+            "import json, socket, ssl, subprocess\n"
+            f"subprocess.run(['mount', '--bind', {str(bundle)!r}, {SYSTEM_BUNDLE!r}], check=True)\n"
+            f"ctx = ssl.create_default_context(cafile={SYSTEM_BUNDLE!r})\n"
+            f"raw = socket.create_connection(('127.0.0.1', {th.port}))\n"
+            f"ctx.wrap_socket(raw, server_hostname='api.{DOMAIN}').close()\n"
+            "from tensorlake.sandbox import Sandbox\n"
+            "try:\n"
+            "    Sandbox.list()\n"
+            "    out = 'listed'\n"
+            "except Exception as exc:\n"
+            "    out = repr(exc)\n"
+            "print(json.dumps({'out': out}))\n"
+        )
+        env.pop("SSL_CERT_FILE")
+        out = run_remote(tmp_path, in_system, env, timeout=120)["out"]
+        assert "UnknownIssuer" in out, out
     finally:
         th.host.stop()
 

@@ -54,8 +54,10 @@ def visible(request: web.Request, rec: Any) -> Any:
 
 
 # Routes that name no namespace and that a namespace's key may still use: the
-# proxy checks the sandbox's namespace itself; /health says only "ready".
-OPEN_TO_NAMESPACE_KEYS = ("/api/v1/", "/health", "/console")
+# proxy checks the sandbox's namespace itself; /health says only "ready";
+# /artifact-storage/ only answers 501 with the way forward (make a volume),
+# which a namespace's SDK user needs to read rather than "admin only".
+OPEN_TO_NAMESPACE_KEYS = ("/api/v1/", "/health", "/console", "/artifact-storage/")
 
 
 @web.middleware
