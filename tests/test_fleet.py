@@ -451,6 +451,53 @@ def test_a_node_drops_a_create_s_reservation_with_its_record(fleet: Fleet) -> No
             terminate(fleet.gateway_url, sid)
 
 
+def test_a_create_that_takes_a_warm_spare_drops_its_reservation_too() -> None:
+    """As above, on a node with a warm spare: the create gets the spare's id, not the one
+    the node chose for it, and the reservation still goes with the record's first copy."""
+    from sandboxd.fleet import keys
+    from sandboxd.fleet.hop import HOP, HOP_SECRET, hop_value
+    from sandboxd.fleet.placement import RESERVATION
+
+    reason = etcd_fixture.missing()
+    if reason:
+        skip_with_reason(reason)
+    c = etcd_fixture.start_cluster(size=1)
+    roots = make_state_root("sbw")
+    root = next(roots)
+    port = free_port()
+    node = None
+    ctl = Fleet(c, root, {}, "", None)  # type: ignore[arg-type]  # for _etcdctl: etcd only
+    try:
+        node = start_host(root / "w", port, warm=1, extra_args=[
+            "--no-net", "--cluster", c.url, "--node", "w",
+            "--advertise", f"http://127.0.0.1:{port}", "--lease-ttl", str(TTL),
+        ])  # fmt: skip
+        wait_for(lambda: "spare sandbox" in node.log() and "ready" in node.log(), timeout=60)
+        secret = json.loads(_etcdctl(ctl, "get", "--print-value-only", HOP_SECRET))["secret"]
+        rid = os.urandom(8).hex()
+        held = keys.reserved("w", rid)
+        _etcdctl(ctl, "put", held, json.dumps({"memory_mb": 128, "namespace": "default"}))
+        r = httpx.post(
+            node.url + NS,
+            json={"resources": {"cpus": 1.0, "memory_mb": 128}},
+            headers={HOP: hop_value(None, secret), RESERVATION: rid},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        sid = r.json()["sandbox_id"]
+        assert f"created sandbox={sid} namespace=default path=spare" in node.log()
+        record = keys.sandbox("default", sid)
+        wait_for(lambda: _etcdctl(ctl, "get", "--print-value-only", record).strip(), timeout=15)
+        assert _etcdctl(ctl, "get", "--print-value-only", held).strip() == ""
+    finally:
+        if node is not None:
+            _end_all(node)
+            stop_process(node.proc)
+        etcd_fixture.stop_cluster(c)
+        with contextlib.suppress(StopIteration):
+            next(roots)
+
+
 def test_sse_and_an_exposed_port_of_a_sandbox_on_another_node(fleet: Fleet) -> None:
     from tensorlake.sandbox import Sandbox
 

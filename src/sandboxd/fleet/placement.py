@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from ..host import registry
-from ..host.model import GIVEN_ID, LIVE, ApiError, CreateSpec, new_id
+from ..host.model import GIVEN_ID, LIVE, SPARE_TAKEN, ApiError, CreateSpec, new_id
 from . import keys
 from .store import Entry, Etcd
 
@@ -163,8 +163,8 @@ class Reserved:
     settled, and a burst of creates found nodes full that were not. The node
     chooses the sandbox's id before the create runs (the host's ``GIVEN_ID``,
     as a move does), so the record is known by it from its first copy. A create
-    that takes a warm spare gets the spare's id instead: its reservation is
-    then the placing front's to delete, as before.
+    that takes a warm spare gets the spare's id instead, which the host tells
+    (``SPARE_TAKEN``): the reservation is then known by that id.
     """
 
     def __init__(self) -> None:
@@ -188,11 +188,16 @@ class Reserved:
         if len(self._rid_of) >= MAX_HELD:  # creates that failed: their ids never published
             self._rid_of.pop(next(iter(self._rid_of)))
         self._rid_of[sid] = rid
-        token = GIVEN_ID.set(sid)
+
+        def spare_taken(spare: str) -> None:
+            self._rid_of[spare] = self._rid_of.pop(sid, rid)
+
+        token, told = GIVEN_ID.set(sid), SPARE_TAKEN.set(spare_taken)
         try:
             yield
         finally:
             GIVEN_ID.reset(token)
+            SPARE_TAKEN.reset(told)
 
     def take(self, sid: str) -> str | None:
         """The reservation of the create that made ``sid``, once (None: none known)."""

@@ -54,6 +54,7 @@ from .model import (
     DEFAULT_MEMORY_MB,
     PENDING,
     RUNNING,
+    SPARE_TAKEN,
     SUSPENDED,
     SUSPENDING,
     ApiError,
@@ -275,6 +276,8 @@ class Manager:
         ):
             rec.id = self._spares.pop(0)
             self._claimed.add(rec.id)
+            if (tell := SPARE_TAKEN.get()) is not None:  # a fleet's create: its room, this id
+                tell(rec.id)
         self.store.put(rec)
         return rec
 

@@ -12,6 +12,7 @@ import contextvars
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,8 +110,13 @@ def new_id() -> str:
 
 
 # Set around a create that moves a sandbox here from another node of a fleet
-# (fleet/move.py): the new record keeps the sandbox's id.
+# (fleet/move.py): the new record keeps the sandbox's id. A fleet's placed
+# create sets it too (fleet/placement.py), and is told through SPARE_TAKEN
+# when the create took a warm spare, whose id it has instead.
 GIVEN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("sandbox_id", default=None)
+SPARE_TAKEN: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "spare_taken", default=None
+)
 
 
 def check_namespace(ns: str) -> str:
