@@ -106,6 +106,16 @@ def test_the_pre_start_builds_only_when_the_store_has_no_image(
     assert ("BUILD" in r.stdout) is builds, r.stdout
 
 
+def run_doc_shell(needle: str, state: Path, backup: Path) -> None:
+    r = subprocess.run(
+        ["/bin/bash", "-ec", doc_shell(needle, state, backup)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+
+
 def doc_shell(needle: str, state: Path, backup: Path) -> str:
     """A shell block of deploy.md with the state dir and the backup dir swapped for ours.
 
@@ -176,25 +186,13 @@ def test_backup_and_restore_as_the_doc_says(state_root: Path) -> None:
             },
         ).json()["pool_id"]
         # The backup, while the host runs and the sandbox is live.
-        r = subprocess.run(
-            ["/bin/bash", "-ec", doc_shell('".backup', state, backup)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
+        run_doc_shell('".backup', state, backup)
         # The sandbox ends and the host stops (its sandboxes would outlive it).
         assert a.delete(f"{p}/sandboxes/{sid}").status_code == 200
         assert_gone(h, sid)
         h.stop()
         # The restore, into an empty state dir at the same path.
-        r = subprocess.run(
-            ["/bin/bash", "-ec", doc_shell("cp -a $B/. $S/", state, backup)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
+        run_doc_shell("cp -a $B/. $S/", state, backup)
         assert Path(f"{state}.old").is_dir() and (state / "apikeys.json").is_file()
         restored = start_host(state, port, warm=0, token=ADMIN)
         # The key works, and everything of team-a's is back.
