@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 
-from .cli_helpers import cli
-from .conftest import free_port
+from .cli_helpers import CLI, Lines, cli, cli_env
+from .conftest import free_port, wait_for
 from .test_host import Host, make_state_root, start_host
 
 
@@ -118,6 +119,10 @@ def test_sbx_suspend_resume_snapshot_and_restore(host: Host, named: str, tmp_pat
     assert as_json(host, "sbx", "describe", named)["status"] == "suspended"
     assert [s["name"] for s in as_json(host, "sbx", "ls", "--status", "suspended")] == [named]
     assert ok(host, "sbx", "resume", named).split()[1] == "running"
+    # --json: the host's SandboxInfo once the status is reached.
+    assert as_json(host, "sbx", "suspend", named)["status"] == "suspended"
+    resumed = as_json(host, "sbx", "resume", named)
+    assert (resumed["name"], resumed["status"]) == (named, "running")
 
     snap = as_json(host, "sbx", "snapshot", "--wait", named)
     assert snap["status"] == "completed" and snap["id"].startswith("snap-")
@@ -161,15 +166,21 @@ def test_sbx_create_failure_and_refusals_exit_codes(host: Host) -> None:
 
 
 def test_sbx_pools(host: Host) -> None:
-    made = as_json(host, "sbx", "pool", "create", "--memory", "512", "--max", "2")
+    made = as_json(
+        host, "sbx", "pool", "create", "--memory", "512", "--max", "2", "--label", "tier=gpu"
+    )
     pool_id = made["pool_id"]
     try:
         pools = {p["id"]: p for p in as_json(host, "sbx", "pool", "ls")}
         assert pools[pool_id]["resources"]["memory_mb"] == 512
         assert pools[pool_id]["max_containers"] == 2
+        assert pools[pool_id]["labels"] == {"tier": "gpu"}
         table = ok(host, "sbx", "pool", "ls").splitlines()
-        assert table[0].split() == ["ID", "IMAGE", "CPUS", "MEMORY", "WARM", "MAX", "AGE"]
-        assert any(line.startswith(pool_id) and " 2 " in line for line in table)
+        assert table[0].split() == ["ID", "IMAGE", "CPUS", "MEMORY", "WARM", "MAX", "AGE", "LABELS"]
+        row = next(line.split() for line in table if line.startswith(pool_id))
+        assert row[-1] == "tier=gpu" and " 2 " in f" {' '.join(row)} "
+        r = run(host, "sbx", "pool", "create", "--label", "bad key=x")
+        assert r.returncode == 1 and "INVALID_LABEL_KEY" in r.stderr, r.stderr
         r = run(host, "sbx", "pool", "create", "--warm", "3", "--max", "1")
         assert r.returncode == 1 and "INVALID_WARM_CONTAINERS" in r.stderr
     finally:
@@ -238,6 +249,112 @@ def test_client_commands_reach_a_sandbox_by_name_and_id(host: Host, named: str) 
     assert r.returncode == 5 and "no-such-sandbox" in r.stderr
     r = run(host, "ps")  # no --sandbox: the proxy cannot route it
     assert r.returncode == 1 and "NO_SANDBOX_NAMED" in r.stderr
+
+
+def test_logs_follow_is_live_through_the_host(host: Host, named: str) -> None:
+    """``logs -f`` prints what is there, waits, and prints what comes later."""
+    env = {"SANDBOXD_URL": host.url, "SANDBOXD_SANDBOX": named}
+    script = "echo before; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo after"
+    pid = ok(host, "start", "--", "sh", "-c", script, env=env).strip()
+    follower = subprocess.Popen(
+        [*CLI, "logs", "-f", pid], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=cli_env(None, env),
+    )  # fmt: skip
+    try:
+        out = Lines(follower.stdout)
+        assert out.readline(timeout=30) == "before\n"
+        assert follower.poll() is None  # still following: the process has not ended
+        ok(host, "run", "--", "touch", "/tmp/go", env=env)
+        assert out.readline(timeout=30) == "after\n"
+        assert follower.wait(timeout=30) == 0  # it returns once the process ended
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    # The same stream as JSON lines: one output event per line, then eof.
+    events = [json.loads(x) for x in ok(host, "logs", "-f", "--json", pid, env=env).splitlines()]
+    assert [e["line"] for e in events if e["event"] == "output"] == ["before", "after"]
+    assert events[-1]["event"] == "eof"
+    body = as_json(host, "logs", pid, env=env)
+    assert body["lines"] == ["before", "after"]
+
+
+def _pty_sizes(host: Host, sid: str) -> set[tuple[int, int]]:
+    with host.http() as c:
+        r = c.get("/api/v1/pty", headers={"X-Tensorlake-Sandbox-Id": sid})
+        assert r.status_code == 200, r.text
+        return {(s["rows"], s["cols"]) for s in r.json()["sessions"] if s["is_alive"]}
+
+
+def test_pty_through_the_host_is_sized_like_the_terminal_and_follows_a_resize(
+    host: Host, named: str
+) -> None:
+    sid = as_json(host, "sbx", "describe", named)["id"]
+    prompt = "sbx-host-prompt> "
+    child = pexpect.spawn(
+        CLI[0],
+        [*CLI[1:], "pty", "--sandbox", named, "-e", f"PS1={prompt}", "--", "/bin/sh"],
+        env=cli_env(None, {"SANDBOXD_URL": host.url}),
+        dimensions=(30, 100),
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect_exact(prompt)
+        child.sendline("stty size")
+        child.expect_exact("30 100")
+        child.expect_exact(prompt)
+        child.setwinsize(40, 132)  # SIGWINCH to the CLI, a resize frame through the proxy
+        wait_for(lambda: (40, 132) in _pty_sizes(host, sid), timeout=15)
+        child.sendline("stty size")
+        child.expect_exact("40 132")
+        child.sendline("exit 6")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 6
+    wait_for(lambda: not _pty_sizes(host, sid), timeout=15)  # the CLI ended its session
+
+
+def test_files_json_and_exit_codes_through_the_host(host: Host, named: str, tmp_path: Path) -> None:
+    env = {"SANDBOXD_SANDBOX": named}
+    local = tmp_path / "notes.bin"
+    local.write_bytes(os.urandom(3 << 20) + b"\nend")  # over 1 MiB: a forced bar is drawn
+    r = run(host, "cp", "--progress", str(local), ":/root/", env=env)
+    assert r.returncode == 0 and "notes.bin" in r.stderr and "100.0%" in r.stderr, r.stderr
+    ok(host, "cp", ":/root/notes.bin", str(tmp_path / "back.bin"), env=env)
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
+    ok(host, "cp", "-", ":/root/piped.txt", env=env, input=b"through a pipe\n")  # stdin up
+    assert ok(host, "cp", ":/root/piped.txt", "-", env=env) == "through a pipe\n"  # stdout down
+
+    table = ok(host, "ls", "/root", env=env).splitlines()
+    assert table[0].split() == ["TYPE", "SIZE", "MODIFIED", "NAME"]
+    row = next(line.split() for line in table[1:] if line.endswith("notes.bin"))
+    assert row[:3] == ["file", "3.0", "MiB"]
+    listed = as_json(host, "ls", "/root", env=env)
+    entry = next(e for e in listed["entries"] if e["name"] == "notes.bin")
+    assert entry["size"] == local.stat().st_size and entry["is_dir"] is False
+    one = as_json(host, "ls", "/root/notes.bin", env=env)["entries"]
+    assert [(e["name"], e["size"]) for e in one] == [("/root/notes.bin", local.stat().st_size)]
+
+    started = json.loads(ok(host, "start", "--json", "--", "sleep", "300", env=env))
+    assert started["status"] == "running" and started["command"] == "sleep"
+    r = run(host, "run", "--json", "--", "sh", "-c", "echo hi; exit 4", env=env)
+    assert r.returncode == 4, r.stderr  # the command's own code, with --json too
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["started", "output", "exit"]
+    assert (events[1]["line"], events[2]["exit_code"]) == ("hi", 4)
+    ok(host, "kill", str(started["pid"]), env=env)
+
+    # What the sandbox's daemon does not have is 5, as against a daemon.
+    for args in (
+        ("logs", "99999"), ("kill", "99999"), ("signal", "99999", "TERM"),
+        ("cp", ":/root/nothing", str(tmp_path / "nothing")), ("ls", "/nothing"),
+    ):  # fmt: skip
+        r = run(host, *args, env=env)
+        assert r.returncode == 5 and "NOT_FOUND" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "nothing").exists()
 
 
 # --- cp -r ---

@@ -193,6 +193,22 @@ def test_console_files_are_served_with_a_strict_policy_and_the_api_still_needs_t
     assert httpx.post(host.url + "/console/", json={}).status_code == 401
 
 
+def test_every_console_file_is_package_data() -> None:
+    """No build step: the wheel ships the assets as they are (pyproject's package-data)."""
+    import tomllib
+    from pathlib import PurePosixPath
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["sandboxd.console"]
+    assets = Path(console.__file__).parent / "assets"
+    files = [str(f.relative_to(assets.parent)) for f in assets.rglob("*") if f.is_file()]
+    assert "assets/vendor/xterm.js" in files and "assets/index.html" in files
+    # Setuptools' globs do not cross a "/": nor does PurePath.match.
+    missed = [f for f in files if not any(PurePosixPath(f).match(p) for p in patterns)]
+    assert missed == [], f"not in the wheel: {missed}"
+
+
 def test_inline_script_in_the_page_is_refused_by_its_policy(ui: Console) -> None:
     ui.open()
     directive = ui.page.evaluate(
@@ -229,15 +245,47 @@ def test_log_in_with_the_key_and_see_a_sandbox_appear_after_an_sdk_create(ui: Co
         expect(row).to_contain_text("running")
         expect(row).to_contain_text("console-list")
         expect(row).to_contain_text("256 MB")
-        with _http(ui.host) as c:
-            usage = c.get(f"{NS}/{sbx.sandbox_id}/usage")
-        if usage.status_code == 200:  # the usage route is there: the list plots it
-            expect(row.locator("svg.spark.mem")).to_be_visible()
-        else:
-            assert usage.json()["code"] == "ROUTE_UNSUPPORTED", usage.text
+        # Its usage: CPU and memory plotted, memory now of its limit.
+        expect(row.locator("svg.spark.cpu polyline")).to_have_count(1)
+        expect(row.locator("svg.spark.mem polyline")).to_have_count(1)
+        expect(row.locator(".usage")).to_contain_text(re.compile(r"MiB / \d+ MiB"))
         ui.shot("sandboxes")
         ui.page.reload()  # the session survives a reload, without asking again
         expect(row).to_be_visible()
+    finally:
+        sbx.terminate()
+
+
+def _cpu_plot(ui: Console) -> tuple[float, list[float]]:
+    """The sandbox page's CPU figure (% now) and its plot's y values (0 is the top)."""
+    caption = ui.page.locator("#usage figcaption").first.inner_text()
+    match = re.match(r"CPU ([\d.]+)%", caption)
+    assert match, caption
+    points = ui.page.locator("#usage svg.cpu polyline").get_attribute("points") or ""
+    return float(match.group(1)), [float(p.split(",")[1]) for p in points.split()]
+
+
+def test_the_sandbox_page_plots_its_usage_as_it_moves(ui: Console) -> None:
+    expect = _expect()
+    sbx = _create(ui.host)
+    try:
+        ui.login()
+        ui.go(f"#/sandbox/{sbx.sandbox_id}")
+        panel = ui.page.locator("#usage")
+        expect(panel).to_contain_text("memory peak")
+        expect(panel).to_contain_text(re.compile(r"memory [\d.]+ MiB of \d+ MiB"))
+        expect(panel).to_contain_text(re.compile(r"disk\s*[\d.]+ [KM]iB of [\d.]+ GiB"))
+        # Idle: a series of several samples, drawn near the bottom of a 48-pixel
+        # plot whose scale is at least one core (not the idle crumbs' own peak).
+        wait_for(lambda: len(_cpu_plot(ui)[1]) >= 3, timeout=30)
+        now, ys = _cpu_plot(ui)
+        assert now < 20 and min(ys) >= 40, (now, ys)
+        # Busy: one core burnt; the figure and the line go up.
+        burn = sbx.start_process("python3", args=["-c", "while True: pass"])
+        wait_for(lambda: _cpu_plot(ui)[0] >= 50 and min(_cpu_plot(ui)[1]) < 30, timeout=30)
+        expect(ui.page.locator("#usage figcaption").first).to_contain_text("s total")
+        ui.shot("sandbox-usage")
+        sbx.kill_process(burn.pid)
     finally:
         sbx.terminate()
 
@@ -408,7 +456,18 @@ def test_follow_a_process_output_live(ui: Console) -> None:
         ui.page.press("#process-command", "Enter")
         expect(out.locator(".stderr")).to_have_text("err")
         expect(out).to_contain_text("out")
+        # Its command line as a shell would take it back.
+        expect(ui.page.locator("#process-rows")).to_contain_text("sh -c 'echo out; echo err >&2'")
         ui.shot("processes")
+        # Kill from the page: the whole tree ends, the SDK sees it signalled.
+        ui.page.fill("#process-command", "sleep 300")
+        ui.page.press("#process-command", "Enter")
+        sleeper = next(p for p in sbx.list_processes() if p.args == ["-c", "sleep 300"])
+        row = ui.page.locator(f'#process-rows tr[data-pid="{sleeper.pid}"]')
+        expect(row).to_contain_text("running")
+        row.locator("button", has_text="Kill").click()
+        expect(row).to_contain_text("signaled")
+        assert sbx.get_process(sleeper.pid).status.value == "signaled"
     finally:
         sbx.terminate()
 

@@ -89,7 +89,7 @@ def test_counters_and_event_lines_follow_a_sandbox_lifecycle(host: Host) -> None
         moved("sandboxd_host_sandboxes_ended_total", status="terminated", reason="user_terminated")
         == 1
     )
-    assert moved("sandboxd_host_proxy_requests_total", route_class="processes") >= 1
+    assert moved("sandboxd_host_proxy_requests_total", route_class="processes", status="200") >= 1
     assert value(after, "sandboxd_host_sandboxes", namespace="default", status="terminated") >= 1
     # Requests by route template, never by raw path (bounded labels).
     assert (
@@ -183,6 +183,27 @@ def test_a_failure_has_its_event_line_with_the_cause(host: Host) -> None:
     )
 
 
+def test_a_timeout_has_its_event_line_and_a_stop_its_own_lines(state_root: Path) -> None:
+    from tensorlake.sandbox import Sandbox
+
+    h = start_host(state_root / "to", warm=0)
+    try:
+        sbx = Sandbox.create(api_url=h.url, api_key=None, memory_mb=256, timeout_secs=1)
+        sid = sbx.sandbox_id
+        wait_for(lambda: event_line(h.log(), "terminated", sid) is not None, timeout=30)
+        assert "reason=timeout" in str(event_line(h.log(), "terminated", sid))
+        samples = scrape(h.url)
+        assert value(samples, "sandboxd_host_sandboxes_ended_total", reason="timeout") == 1
+        # No spare on this host: the create was a cold start, timed as one.
+        assert value(samples, "sandboxd_host_creates_total", path="cold", outcome="running") == 1
+        assert value(samples, "sandboxd_host_create_duration_seconds_count", path="cold") == 1
+    finally:
+        h.stop()
+    stopping = [line for line in h.log().splitlines() if "sandboxd host stopping" in line]
+    assert len(stopping) == 1 and "on SIGTERM" in stopping[0], h.log()[-2000:]
+    assert h.log().rstrip().endswith("sandboxd host stopped"), h.log()[-2000:]
+
+
 def test_a_traceparent_reaches_the_request_log(host: Host) -> None:
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     r = httpx.post(
@@ -207,6 +228,28 @@ def test_health_reports_readiness(host: Host) -> None:
     for check in ("images", "runtime", "cgroups", "store"):
         assert body["checks"][check]["ok"] is True, body
         assert body["checks"][check]["detail"], body
+
+
+def test_health_says_not_ready_and_why_when_the_image_store_has_no_default_image(
+    state_root: Path,
+) -> None:
+    """Readiness is checked, not assumed: a host that could make no sandbox says so."""
+    empty = state_root / "no-images"
+    empty.mkdir()
+    args = ["--no-net", "--images", str(empty), "--no-build-default"]
+    h = start_host(state_root / "nr", warm=0, extra_args=args)
+    try:
+        r = httpx.get(h.url + "/health")
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert (body["status"], body["code"]) == ("not_ready", "NOT_READY")
+        assert "images" in body["error"]
+        assert body["checks"]["images"]["ok"] is False
+        assert f"sandboxd image --images {empty} build" in body["checks"]["images"]["detail"]
+        # What is fine is still reported as fine.
+        assert body["checks"]["runtime"]["ok"] is True and body["checks"]["store"]["ok"] is True
+    finally:
+        h.stop()
 
 
 def test_health_and_metrics_need_the_token_on_a_token_host(state_root: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -161,3 +162,23 @@ def test_the_files_terminals_and_tunnels_example_runs(make_daemon: Callable[...,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_make_run_installs_only_what_running_needs_and_says_where_sandboxd_is(
+    tmp_path: Path,
+) -> None:
+    """``make run`` on a fresh clone: ``pip install -e .``, never the test extra."""
+    venv = tmp_path / "venv"
+    r = subprocess.run(
+        ["make", "-n", "run", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"{venv}/bin/pip install --quiet -e . " in r.stdout, r.stdout
+    assert "[test]" not in r.stdout and "[bench]" not in r.stdout, r.stdout
+    # It prints where the command is and the PATH line of the tour's step 1.
+    assert f'export PATH=\\"{venv}/bin:' in r.stdout, r.stdout
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    running = {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in project["dependencies"]}
+    tools = {re.split(r"[<>=!~\[ ]", d)[0].lower() for d in project["optional-dependencies"]["test"]}
+    assert running.isdisjoint(tools), running & tools
+    assert {"pytest", "ruff", "playwright", "tensorlake"} <= tools

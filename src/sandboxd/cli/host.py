@@ -276,9 +276,10 @@ async def serve(
             "listening beyond loopback without --token: anyone who can connect can run code"
         )
     stop = asyncio.Event()
+    stopped_by: list[str] = []  # the signal's name, for the shutdown's log line
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda s=sig: (stopped_by.append(s.name), stop.set()))
     watcher = None
     if tls is not None:  # a renewed certificate is used without a restart (host/tls.py)
         loop.add_signal_handler(signal.SIGHUP, tls.reload, "SIGHUP")
@@ -290,9 +291,13 @@ async def serve(
     finally:
         if watcher is not None:
             watcher.cancel()
+        # issue 18: a stop has its lines, as a start has its own.
+        why = f"on {stopped_by[0]}" if stopped_by else "on error"
+        log.info("sandboxd host stopping %s: sandboxes keep running, spares go", why)
         if gateway is not None:
             await gateway.close()
         await runner.cleanup()
+        log.info("sandboxd host stopped")
 
 
 def _has_keys(state_dir: Path) -> bool:

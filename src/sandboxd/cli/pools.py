@@ -8,7 +8,7 @@ from typing import Any
 from . import hostapi
 from .client import Client, selector
 from .common import EXIT_OK, add_json_flag, print_json, print_table
-from .sbxspec import add_sandbox_spec, age, cpus, mib, spec_body
+from .sbxspec import add_sandbox_spec, age, cpus, label_text, labels_body, mib, spec_body
 
 
 def register(
@@ -38,6 +38,12 @@ def register(
     )
     p.add_argument(
         "--max", type=int, metavar="N", help="at most N claimed at once (default: no cap)"
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label (repeatable) that every sandbox claimed from the pool carries",
     )
     add_json_flag(p, "print the host's JSON answer")
     p.set_defaults(handler=create)
@@ -70,9 +76,10 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
                 p.get("warm_containers", 0),
                 p.get("max_containers") or "-",
                 age(p.get("created_at")),
+                label_text(p.get("labels")),
             )
         )
-    print_table(("ID", "IMAGE", "CPUS", "MEMORY", "WARM", "MAX", "AGE"), rows)
+    print_table(("ID", "IMAGE", "CPUS", "MEMORY", "WARM", "MAX", "AGE", "LABELS"), rows)
     return EXIT_OK
 
 
@@ -81,6 +88,8 @@ async def create(ns: argparse.Namespace, client: Client) -> int:
     body["warm_containers"] = ns.warm
     if ns.max is not None:
         body["max_containers"] = ns.max
+    if ns.label:
+        body["labels"] = labels_body(ns.label)
     answer = await client.call("POST", hostapi.pools(ns.namespace), json_body=body)
     if ns.json:
         print_json(answer)

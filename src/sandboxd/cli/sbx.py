@@ -28,7 +28,16 @@ from .common import (
     print_json,
     print_table,
 )
-from .sbxspec import add_sandbox_spec, age, cpus, mib, spec_body
+from .sbxspec import (
+    add_sandbox_spec,
+    age,
+    cpus,
+    label_pairs,
+    label_text,
+    labels_body,
+    mib,
+    spec_body,
+)
 
 POLL_S = 0.2
 # A blocking create answers "pending" after this long and we poll: one call
@@ -134,6 +143,7 @@ def register(
             verb, parents=[parent], help=what, description=what[0].upper() + what[1:] + "."
         )
         p.add_argument("sandbox", metavar="ID|NAME")
+        add_json_flag(p, "print the sandbox's SandboxInfo once the status is reached")
         p.set_defaults(handler=suspend_or_resume, verb=verb)
 
     p = cmds.add_parser(
@@ -166,13 +176,6 @@ def _statuses(ns: argparse.Namespace) -> set[str] | None:
     return wanted
 
 
-def _labels(pairs: list[str] | None, what: str) -> list[str]:
-    for item in pairs or ():
-        if not item.partition("=")[0]:
-            raise CliError(f"{what} expects KEY=VALUE, got {item!r}", EXIT_USAGE)
-    return list(pairs or ())
-
-
 async def list_sandboxes(
     client: Client, namespace: str, statuses: set[str] | None, labels: list[str]
 ) -> list[dict[str, Any]]:
@@ -194,15 +197,9 @@ async def list_sandboxes(
             return out
 
 
-def _label_text(labels: object) -> str:
-    if not isinstance(labels, dict) or not labels:
-        return "-"
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
 async def ls(ns: argparse.Namespace, client: Client) -> int:
     wanted = _statuses(ns)
-    found = await list_sandboxes(client, ns.namespace, wanted, _labels(ns.label, "--label"))
+    found = await list_sandboxes(client, ns.namespace, wanted, label_pairs(ns.label))
     items = [
         s
         for s in found
@@ -223,7 +220,7 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
                 cpus(res.get("cpus")),
                 mib(res.get("memory_mb")),
                 age(s.get("created_at")),
-                _label_text(s.get("labels")),
+                label_text(s.get("labels")),
             )
         )
     print_table(("ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE", "LABELS"), rows)
@@ -237,8 +234,7 @@ async def create(ns: argparse.Namespace, client: Client) -> int:
     if ns.snapshot:
         body["snapshot_id"] = ns.snapshot
     if ns.label:
-        pairs = (item.partition("=") for item in _labels(ns.label, "--label"))
-        body["labels"] = {key: value for key, _, value in pairs}
+        body["labels"] = labels_body(ns.label)
     body["wait"] = bool(ns.wait)
     headers = {"x-tensorlake-request-timeout-ms": str(CREATE_BUDGET_MS)}
     async with client.request(
@@ -297,7 +293,7 @@ async def describe(ns: argparse.Namespace, client: Client) -> int:
         ("disk", mib(res.get("disk_mb"))),
         ("timeout", f"{info['timeout_secs']}s" if info.get("timeout_secs") else "none"),
         ("age", age(info.get("created_at"))),
-        ("labels", _label_text(info.get("labels"))),
+        ("labels", label_text(info.get("labels"))),
     ]
     optional = (
         "pool_id",
@@ -349,7 +345,10 @@ async def suspend_or_resume(ns: argparse.Namespace, client: Client) -> int:
     async with client.request("POST", path, params={"wait_ms": "25000"}):
         pass
     info = await hostapi.describe(client, ns.namespace, ns.sandbox)
-    print(f"{info.get('id')} {info.get('status')}")
+    if ns.json:
+        print_json(info)
+    else:
+        print(f"{info.get('id')} {info.get('status')}")
     return EXIT_OK
 
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from .common import human_bytes, human_duration
+from .common import EXIT_USAGE, CliError, human_bytes, human_duration
 
 
 def add_sandbox_spec(p: argparse.ArgumentParser) -> None:
@@ -50,7 +50,26 @@ def spec_body(ns: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def label_pairs(pairs: list[str] | None, what: str = "--label") -> list[str]:
+    """``KEY=VALUE`` (or ``KEY``) items as given; a usage error without a key."""
+    for item in pairs or ():
+        if not item.partition("=")[0]:
+            raise CliError(f"{what} expects KEY=VALUE, got {item!r}", EXIT_USAGE)
+    return list(pairs or ())
+
+
+def labels_body(pairs: list[str] | None) -> dict[str, str]:
+    """``--label`` items as the host's ``labels`` object (the host checks the rules)."""
+    return {key: value for key, _, value in (item.partition("=") for item in label_pairs(pairs))}
+
+
 # --- formatting ---
+
+
+def label_text(labels: object) -> str:
+    if not isinstance(labels, dict) or not labels:
+        return "-"
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def age(created_at: float | None, now: float | None = None) -> str:

@@ -18,6 +18,7 @@ function showLogin(message) {
   loginError.hidden = !message;
   loginError.textContent = message || "";
   document.getElementById("logout").hidden = true;
+  document.getElementById("nav").hidden = true; // nothing to go to before a key
   document.getElementById("whoami").textContent = "";
   document.getElementById("login-key").focus();
 }
@@ -53,6 +54,7 @@ function route() {
   login.hidden = true;
   view.hidden = false;
   document.getElementById("logout").hidden = false;
+  document.getElementById("nav").hidden = false;
   document.getElementById("whoami").textContent = `namespace ${session.namespace}`;
   if (unmount) { unmount(); unmount = null; }
   const parts = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);

@@ -6,6 +6,12 @@ import { clear, epochMs, h, toast } from "./dom.js";
 const REFRESH_MS = 2000;
 const MAX_LINES = 5000; // the pane keeps the last lines only
 
+// A command line as a shell would take it back (as `sandboxd ps` shows it):
+// `sh -c 'echo a; echo b'`, not `sh -c echo a; echo b`.
+function shellWord(a) {
+  return /^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`;
+}
+
 export function mountProcesses(el, sandbox) {
   let stopped = false;
   let timer = null;
@@ -51,7 +57,10 @@ export function mountProcesses(el, sandbox) {
         if (name === "output") add(data.line, data.stream === "stderr" ? "stderr" : "stdout");
         else if (name === "dropped") add(`[${data.dropped_bytes} bytes dropped before this]`, "note");
       }, abort.signal);
-      if (following && following.abort === abort) outTitle.textContent = `Output of ${pid} (ended)`;
+      if (following && following.abort === abort) {
+        outTitle.textContent = `Output of ${pid} (ended)`;
+        refresh(); // its row says how it ended now, not at the next tick
+      }
     } catch (e) {
       if (e.name !== "AbortError" && !stopped) toast(`follow: ${e.message}`);
     }
@@ -80,7 +89,7 @@ export function mountProcesses(el, sandbox) {
           h("td", {}, p.status),
           h("td", { class: "num" }, p.exit_code === null ? (p.signal ? `sig ${p.signal}` : "") : String(p.exit_code)),
           h("td", {}, p.started_at ? new Date(epochMs(p.started_at)).toLocaleTimeString() : ""),
-          h("td", { class: "mono" }, [p.command, ...(p.args || [])].join(" ")),
+          h("td", { class: "mono" }, [p.command, ...(p.args || [])].map(shellWord).join(" ")),
           h("td", {}, kill)));
       }
       if (!processes.length) rows.append(h("tr", {}, h("td", { colspan: "7", class: "muted" }, "No processes.")));

@@ -23,6 +23,10 @@ export function series(u) {
   return samples;
 }
 
+// CPU plots are scaled to at least one core (100%), so an idle sandbox's
+// crumbs of CPU draw a flat line near zero, not a full-height spike.
+const CPU_FLOOR = 100;
+
 // CPU in % of one core between consecutive samples.
 export function cpuPercents(samples) {
   const out = [];
@@ -64,7 +68,7 @@ export function usageCell(u) {
   const mem = samples.map((s) => s.memory_bytes);
   const limit = c.memory_limit_bytes ? ` / ${bytes(c.memory_limit_bytes)}` : "";
   return h("span", { class: "usage" },
-    sparkline(cpu, { width: 60, height: 16, cls: "cpu" }),
+    sparkline(cpu, { width: 60, height: 16, max: CPU_FLOOR, cls: "cpu" }),
     sparkline(mem, { width: 60, height: 16, max: c.memory_limit_bytes || undefined, cls: "mem" }),
     h("span", { class: "muted" }, `${bytes(c.memory_bytes)}${limit}`));
 }
@@ -79,7 +83,7 @@ export function usagePanel(u) {
   return h("section", { class: "card usage-panel", id: "usage" },
     h("h2", {}, "Usage"),
     h("div", { class: "usage-plots" },
-      h("figure", {}, sparkline(cpu, { width: 240, height: 48, cls: "cpu" }),
+      h("figure", {}, sparkline(cpu, { width: 240, height: 48, max: CPU_FLOOR, cls: "cpu" }),
         h("figcaption", {}, `CPU ${cpu.length ? cpu[cpu.length - 1].toFixed(1) : "0"}% · ${(c.cpu_usec / 1e6).toFixed(2)} s total`)),
       h("figure", {}, sparkline(samples.map((s) => s.memory_bytes), { width: 240, height: 48, max: c.memory_limit_bytes || undefined, cls: "mem" }),
         h("figcaption", {}, `memory ${of(c.memory_bytes, c.memory_limit_bytes)}`))),
