@@ -31,7 +31,7 @@ from sandboxd.host.cgroup import host_tag
 
 from .conftest import wait_for
 from .test_fleet import Fleet, describe, drain, hop_header, only_on, run_fleet, terminate
-from .test_host import NS, _procs_mentioning
+from .test_host import NS, _procs_mentioning, cgroup_glob
 
 NODES = ("a", "b", "c")
 
@@ -76,9 +76,8 @@ def left_on(fleet: Fleet, node: str, sid: str) -> list[str]:
         with contextlib.suppress(OSError):
             if tag in Path(f"/proc/{pid}/cgroup").read_text():
                 found.append(f"process {pid}")
-    for base in Path("/sys/fs/cgroup").iterdir():
-        with contextlib.suppress(OSError):
-            found += [str(p) for p in base.glob(f"**/{tag}/{sid}")]
+    cgroups = cgroup_glob(f"**/{tag}/{sid}")
+    found += ["cgroups kept changing under every walk"] if cgroups is None else map(str, cgroups)
     return found
 
 

@@ -158,16 +158,32 @@ def host(state_root: Path) -> Iterator[Host]:
     h.stop()
 
 
-def _cgroup_dirs(sandbox_id: str) -> list[str]:
-    found = []
-    for base in Path("/sys/fs/cgroup").iterdir():
+def cgroup_glob(pattern: str, aliases: bool = True) -> list[Path] | None:
+    """Every match of ``pattern`` in every cgroup hierarchy, from one whole walk of them.
+
+    A cgroup removed while the trees are walked (a teardown racing the scan,
+    another test's host on the other worker, another tenant's) interrupts the
+    walk: it starts again; None if no walk completes. ``aliases=False`` leaves
+    out the symlinked mounts (``cpu -> cpu,cpuacct``: one hierarchy twice).
+    """
+    for _ in range(50):
         try:
-            found += [str(p) for p in base.glob(f"**/sandboxd-host*/{sandbox_id}")]
-        except OSError as exc:
-            # A cgroup removed while the tree was being walked (the teardown
-            # racing this scan, or another tenant's): not known gone yet, look again.
-            return [f"scan interrupted: {exc}"]
-    return found
+            return [
+                p
+                for mount in Path("/sys/fs/cgroup").iterdir()
+                if aliases or not mount.is_symlink()
+                for p in mount.glob(pattern)
+            ]
+        except OSError:
+            time.sleep(0.02)
+    return None
+
+
+def _cgroup_dirs(sandbox_id: str) -> list[str]:
+    found = cgroup_glob(f"**/sandboxd-host*/{sandbox_id}")
+    if found is None:  # not known gone: the caller looks again
+        return ["scan interrupted: cgroups kept changing under every walk"]
+    return [str(p) for p in found]
 
 
 def _procs_mentioning(sandbox_id: str) -> list[int]:

@@ -272,13 +272,16 @@ def _daemon_pids(sandbox_id: str) -> list[int]:
     unified = [p for p in _cgroup_dirs(sandbox_id) if "/unified/" in p]
     out = []
     for top in unified:
-        for procs in Path(top).rglob("cgroup.procs"):
-            for pid in procs.read_text().split():
-                with contextlib.suppress(OSError):
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    # The daemon's own argv; bwrap's (the launcher, its init) carries it too.
-                    if b"serve" in argv and b"--memory-reserve" in argv and b"bwrap" not in argv:
-                        out.append(int(pid))
+        try:  # a cgroup of a spare still starting (or failing) may go while it is read
+            pids = [pid for f in Path(top).rglob("cgroup.procs") for pid in f.read_text().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                # The daemon's own argv; bwrap's (the launcher, its init) carries it too.
+                if b"serve" in argv and b"--memory-reserve" in argv and b"bwrap" not in argv:
+                    out.append(int(pid))
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import wait_for
-from .test_host import NS, assert_gone, host_argv, make_state_root, start_host
+from .test_host import NS, assert_gone, cgroup_glob, host_argv, make_state_root, start_host
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +36,10 @@ def _mounts_of(tag: str) -> list[str]:
 
 def _bases(tag: str) -> list[Path]:
     """This host's base cgroup dir in every hierarchy where it exists."""
-    found: list[Path] = []
-    for mount in Path("/sys/fs/cgroup").iterdir():
-        if mount.is_symlink():
-            continue  # cpu -> cpu,cpuacct: the same hierarchy twice
-        try:
-            found += [p for p in mount.glob(f"**/{tag}") if p.is_dir()]
-        except OSError:
-            return [Path("scan interrupted: look again")]
-    return found
+    found = cgroup_glob(f"**/{tag}", aliases=False)
+    if found is None:
+        return [Path("scan interrupted: look again")]
+    return [p for p in found if p.is_dir()]
 
 
 def test_a_host_on_a_port_in_use_says_so_in_one_line_and_leaves_no_mount(
