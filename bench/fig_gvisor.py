@@ -168,7 +168,7 @@ def _sample(url: str) -> tuple[float, float, float, float, float]:
 
 
 def measure(ctx: Ctx) -> list[Row]:
-    from sandboxd.host import gvisor
+    from sandboxd.host.runtime import gvisor
 
     why = host_unavailable() or gvisor.available(Path("/tmp"))
     if why:

@@ -81,7 +81,7 @@ def _state(host: Host) -> Path:
 
 
 def _memory_bytes(host: Host, sandbox_id: str) -> int:
-    from sandboxd.host.cgroup import Hierarchies, host_tag
+    from sandboxd.host.runtime.cgroup import Hierarchies, host_tag
 
     cgroup = Hierarchies.detect(host_tag(_state(host))).sandbox(sandbox_id)
     v1 = cgroup.dirs.get("memory")
@@ -201,7 +201,7 @@ def _quiet(host: Host) -> None:
 
 def _runsc_left(host: Host) -> list[str]:
     """Containers runsc still knows under this host's state (none once it stopped)."""
-    from sandboxd.host import gvisor
+    from sandboxd.host.runtime import gvisor
 
     root = _state(host) / "runsc"
     runsc = gvisor.runsc_path()
@@ -228,7 +228,7 @@ def _close(host: Host, ctx: Ctx) -> None:
 
 
 def measure(ctx: Ctx) -> list[Row]:
-    from sandboxd.host import gvisor
+    from sandboxd.host.runtime import gvisor
 
     why = host_unavailable() or gvisor.available(Path("/tmp"))
     if why:

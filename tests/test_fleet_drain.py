@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from sandboxd.fleet.hop import fleet_hop
-from sandboxd.host.cgroup import host_tag
+from sandboxd.host.runtime.cgroup import host_tag
 
 from .conftest import wait_for
 from .test_fleet import Fleet, describe, drain, hop_header, only_on, run_fleet, terminate

@@ -412,7 +412,7 @@ def test_a_restarted_host_remembers_and_still_reaches_its_sandboxes(state_root: 
             assert c.post(f"{NS}/napper/suspend").status_code == 200
         h.stop()
         # The stopped host leaves no mount of its own (its daemon-runtime binds)...
-        from sandboxd.host.cgroup import host_tag
+        from sandboxd.host.runtime.cgroup import host_tag
 
         tag = host_tag(h.state)
         assert tag not in Path("/proc/self/mountinfo").read_text()

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from sandboxd import console
 from sandboxd.edge import bearer_auth, cross_site_guard
-from sandboxd.host import proxy
+from sandboxd.host.proxy import http_proxy as proxy
 
 from .conftest import ROOT, skip_with_reason, wait_for
 from .test_host import NS, Host, make_state_root, start_host

@@ -9,7 +9,7 @@ from multidict import MultiDict
 
 from sandboxd.host import archive, logs
 from sandboxd.host.model import ApiError, CreateSpec, Record, parse_create
-from sandboxd.host.store import Store
+from sandboxd.host.store.records import Store
 
 
 def _ended(i: int, status: str = "terminated") -> Record:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.host import gvisor, gvisor_pidfd, mounts, runtime
-from sandboxd.host.cgroup import host_tag
+from sandboxd.host.runtime import bubblewrap as runtime
+from sandboxd.host.runtime import gvisor, gvisor_pidfd, mounts
+from sandboxd.host.runtime.cgroup import host_tag
 
 from .conftest import wait_for
 from .test_host import IMAGES, _cleanup, assert_gone, make_state_root, start_host
@@ -350,7 +351,7 @@ except urllib.error.HTTPError as e:
 @pytest.fixture(scope="module")
 def resolver(lab: Lab) -> Iterator[str]:
     """A DNS server at the host's resolver address, in the lab's fake internet."""
-    from sandboxd.host.netpolicy import read_resolvers
+    from sandboxd.host.network.netpolicy import read_resolvers
 
     found = [str(a) for a in read_resolvers() if not a.is_loopback]
     assert found, "this machine's /etc/resolv.conf names no resolver a sandbox could reach"

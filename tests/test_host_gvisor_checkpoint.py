@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from sandboxd.host import checkpoint, gvisor
-from sandboxd.host.cgroup import Hierarchies, host_tag
+from sandboxd.host.runtime import checkpoint, gvisor
+from sandboxd.host.runtime.cgroup import Hierarchies, host_tag
 from sandboxd.host.snapshots import Snapshots
 
 from .conftest import wait_for

@@ -1,4 +1,4 @@
-"""``host/launcher.py`` with real processes: pidfds, and a network namespace held by a mount.
+"""``host/runtime/launcher.py`` with real processes: pidfds, and a network namespace held by a mount.
 
 A stand-in launcher is ``unshare --net --fork sleep``: like bubblewrap, a
 process in the host's namespaces whose child lives in a network namespace of
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.host import launcher, mounts
+from sandboxd.host.runtime import launcher, mounts
 
 from .conftest import skip_with_reason, wait_for
 

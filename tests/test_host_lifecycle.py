@@ -416,7 +416,7 @@ def test_a_host_stopped_mid_snapshot_puts_a_suspended_sandbox_back_suspended(
     from tensorlake.sandbox import Sandbox
 
     from sandboxd.host.model import SNAPSHOTTING, SUSPENDED
-    from sandboxd.host.store import Store
+    from sandboxd.host.store.records import Store
 
     from .test_host import _frozen
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sandboxd.host import model, resize, snapshots
-from sandboxd.host.catalog import Catalog
 from sandboxd.host.model import ApiError, Record, info, parse_create, parse_resize, parse_update
 from sandboxd.host.pools import Pool, Pools, parse_pool
 from sandboxd.host.snapshots import Snapshot, Snapshots
+from sandboxd.host.store.catalog import Catalog
 
 
 def _code(fn, *args) -> str:  # type: ignore[no-untyped-def]

@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sandboxd.host.cgroup import host_tag
-from sandboxd.host.network import Plan
+from sandboxd.host.network.sandbox_network import Plan
+from sandboxd.host.runtime.cgroup import host_tag
 
 from .conftest import skip_with_reason, stop_process, wait_for
 from .test_host import NS, Host, _procs_mentioning, _unavailable, assert_gone, start_host

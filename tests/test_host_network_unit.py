@@ -16,9 +16,8 @@ import re
 import pytest
 
 from sandboxd.host import model
-from sandboxd.host.ingress import target_of
 from sandboxd.host.model import ApiError, Record, info, parse_create, parse_update
-from sandboxd.host.network import (
+from sandboxd.host.network.sandbox_network import (
     CLOSED,
     DEFAULT_RULES,
     Config,
@@ -29,6 +28,7 @@ from sandboxd.host.network import (
     read_resolvers,
     resolve,
 )
+from sandboxd.host.proxy.ingress import target_of
 
 TAG = "sandboxd-host-1a2b3c4d"
 RESOLVER = ipaddress.IPv4Address("10.255.255.53")

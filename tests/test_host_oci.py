@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd.host import registry, runtime
-from sandboxd.host.images import Image, ImageStore, dir_name, store_key
-from sandboxd.host.oci import ImageConfig
+from sandboxd.host.images import registry
+from sandboxd.host.images.image_store import Image, ImageStore, dir_name, store_key
+from sandboxd.host.images.oci import ImageConfig
+from sandboxd.host.runtime import bubblewrap as runtime
 
 
 @pytest.mark.parametrize(
@@ -128,13 +129,13 @@ def test_the_missing_hint_names_this_store_and_the_command(tmp_path: Path) -> No
 def test_prune_keeps_what_records_snapshots_and_pools_name(tmp_path: Path) -> None:
     import time
 
-    from sandboxd.host.catalog import Catalog
-    from sandboxd.host.image_use import names_in_use
+    from sandboxd.host.images.image_use import names_in_use
     from sandboxd.host.model import Record, parse_create
     from sandboxd.host.pools import Pool
     from sandboxd.host.snapshots import Snapshot
     from sandboxd.host.states import Status
-    from sandboxd.host.store import Store
+    from sandboxd.host.store.catalog import Catalog
+    from sandboxd.host.store.records import Store
 
     store = Store(tmp_path / "sandboxes.db")
     live = Record.new("ns", parse_create({"image": "127.0.0.1:5000/live:1"}), time.time())

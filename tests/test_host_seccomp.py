@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sandboxd.host import seccomp
+from sandboxd.host.runtime import seccomp
 
 if platform.machine() != "x86_64":
     pytest.skip(

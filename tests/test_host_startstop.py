@@ -24,7 +24,7 @@ def state_root() -> Iterator[Path]:
 
 
 def _tag(state: Path) -> str:
-    from sandboxd.host.cgroup import host_tag
+    from sandboxd.host.runtime.cgroup import host_tag
 
     return host_tag(state)
 

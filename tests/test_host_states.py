@@ -17,7 +17,7 @@ import pytest
 from sandboxd.host import states
 from sandboxd.host.model import ApiError, CreateSpec, Record
 from sandboxd.host.states import Event, IllegalTransition, Status
-from sandboxd.host.store import Store
+from sandboxd.host.store.records import Store
 
 S, E = Status, Event
 

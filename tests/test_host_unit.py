@@ -11,12 +11,12 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from sandboxd.host import model
-from sandboxd.host.images import UID_OFFSET, ImageError, ImageStore, shift_owners
-from sandboxd.host.images import check_name as check_image_name
+from sandboxd.host.images.image_store import UID_OFFSET, ImageError, ImageStore, shift_owners
+from sandboxd.host.images.image_store import check_name as check_image_name
 from sandboxd.host.model import ApiError, Record, info, parse_create, parse_update
-from sandboxd.host.proxy import sandbox_id_of
-from sandboxd.host.runtime import DaemonRuntime, Layout, bwrap_argv
-from sandboxd.host.store import NameTaken, Store
+from sandboxd.host.proxy.http_proxy import sandbox_id_of
+from sandboxd.host.runtime.bubblewrap import DaemonRuntime, Layout, bwrap_argv
+from sandboxd.host.store.records import NameTaken, Store
 
 from .conftest import skip_with_reason
 
@@ -217,7 +217,7 @@ def test_the_proxy_keeps_the_hosts_token_out_of_the_sandbox(tmp_path: Path) -> N
 
     from aiohttp import web
 
-    from sandboxd.host.proxy import Sessions, forward
+    from sandboxd.host.proxy.http_proxy import Sessions, forward
 
     async def echo(request: web.Request) -> web.StreamResponse:
         return web.json_response({k.lower(): v for k, v in request.headers.items()})
@@ -283,7 +283,7 @@ def test_the_proxy_does_not_follow_a_symlink_put_in_place_of_the_socket(tmp_path
     import aiohttp
     from aiohttp import web
 
-    from sandboxd.host.proxy import Sessions
+    from sandboxd.host.proxy.http_proxy import Sessions
 
     async def main() -> tuple[int, str]:
         elsewhere = str(tmp_path / "host-only.sock")  # stands in for any socket of the host's

@@ -200,7 +200,7 @@ def test_a_gvisor_sandbox_is_measured_too_and_loopback_only_has_no_network_figur
     """runsc runs in the sandbox's cgroups: CPU and memory of its Sentry are the sandbox's."""
     from tensorlake.sandbox import Sandbox
 
-    from sandboxd.host import gvisor
+    from sandboxd.host.runtime import gvisor
 
     assert gvisor.runsc_path() is not None, "runsc is not installed (make host-deps)"
     h = start_host(

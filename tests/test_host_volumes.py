@@ -27,7 +27,7 @@ from tensorlake.sandbox.exceptions import RemoteAPIError, SandboxError
 from .test_host import NS, Host, _cleanup, assert_gone, make_state_root, start_host
 
 VOLUMES = "/v1/namespaces/default/volumes"
-UID_OFFSET = 100_000  # images.py: the sandboxes' root on the host
+UID_OFFSET = 100_000  # images/image_store.py: the sandboxes' root on the host
 
 
 @pytest.fixture(scope="module")

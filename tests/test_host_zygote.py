@@ -1,4 +1,4 @@
-"""The zygote (``host/zygote.py``): a forked daemon is walled in exactly like an exec'd one.
+"""The zygote (``host/runtime/zygote.py``): a forked daemon is walled in exactly like an exec'd one.
 
 Every attack runs from inside a sandbox, as its root, against the daemon that
 serves it (the parent of the command's shell, ``$PPID``), and compares with a
@@ -338,7 +338,7 @@ def test_a_launcher_is_watched_through_a_descriptor_past_1024() -> None:
     import resource
     import subprocess
 
-    from sandboxd.host import launcher
+    from sandboxd.host.runtime import launcher
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 2048:
@@ -359,7 +359,7 @@ def test_a_launcher_is_watched_through_a_descriptor_past_1024() -> None:
 
 
 def test_the_zygote_s_bubblewrap_dies_with_its_host_even_when_the_host_ends_at_once() -> None:
-    """The zygote's spawn (host/zygote.py's ``_with_the_host``), with real processes.
+    """The zygote's spawn (host/runtime/zygote.py's ``_with_the_host``), with real processes.
 
     A host that ended between forking the zygote's bwrap and bwrap setting its
     own death signal (a node that could not join its fleet, ending at once)
@@ -370,7 +370,7 @@ def test_the_zygote_s_bubblewrap_dies_with_its_host_even_when_the_host_ends_at_o
     """
     stand_in = (
         "import os, subprocess, sys\n"
-        "from sandboxd.host.zygote import _with_the_host\n"
+        "from sandboxd.host.runtime.zygote import _with_the_host\n"
         "p = subprocess.Popen(['sleep', '300'], preexec_fn=_with_the_host(os.getpid()),\n"
         "                     start_new_session=True, stdout=subprocess.DEVNULL,\n"
         "                     stderr=subprocess.DEVNULL)\n"
@@ -393,7 +393,7 @@ def test_the_zygote_s_bubblewrap_dies_with_its_host_even_when_the_host_ends_at_o
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(orphan, signal.SIGKILL)
-    from sandboxd.host.zygote import _with_the_host
+    from sandboxd.host.runtime.zygote import _with_the_host
 
     late = subprocess.run(["sh", "-c", "echo ran"], preexec_fn=_with_the_host(1), capture_output=True)
     assert late.returncode == 1 and late.stdout == b""

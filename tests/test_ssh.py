@@ -380,7 +380,7 @@ def test_ssh_into_a_gvisor_sandbox(
     state_root: Path, gateway: tuple[Host, int, Path, Path], tmp_path: Path
 ) -> None:
     """The same gateway path when the sandbox's kernel is gVisor's (tunnel included)."""
-    from sandboxd.host import gvisor
+    from sandboxd.host.runtime import gvisor
 
     assert gvisor.runsc_path() is not None, "runsc is not installed (make host-deps)"
     _, _, alice, _ = gateway
@@ -421,7 +421,7 @@ def test_the_tunnel_refuses_a_huge_message_from_a_hostile_daemon(tmp_path: Path)
     import aiohttp
     from aiohttp import web
 
-    from sandboxd.host import tunnel
+    from sandboxd.host.proxy import tunnel
 
     async def main() -> tuple[bytes, bool]:
         async def evil(request: web.Request) -> web.StreamResponse:

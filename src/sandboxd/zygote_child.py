@@ -1,6 +1,6 @@
 """The zygote's own side: a clean interpreter with the daemon imported, forking one per sandbox.
 
-``sandboxd host`` (``host/zygote.py``) starts this module as a dedicated
+``sandboxd host`` (``host/runtime/zygote.py``) starts this module as a dedicated
 process, never the host itself: started with the launch's fixed environment,
 from the same loader, interpreter and read-only paths as a sandbox's daemon,
 in a mount namespace of its own laid out like a sandbox (the image's root

@@ -1,6 +1,6 @@
 """``GET /api/v1/sockets`` (beyond the contract): the sandbox's TCP sockets and who holds them.
 
-For the host's memory checkpoints under gVisor (``host/checkpoint.py``): runsc
+For the host's memory checkpoints under gVisor (``host/runtime/checkpoint.py``): runsc
 20221219 saves a listening socket, but not one a process watches with epoll
 (a save with a waiter on it is refused, and a refused save ends the
 sandbox), and no connection to outside the sandbox. What decides is visible

@@ -21,7 +21,7 @@ from .common import add_host_state_dir
 if TYPE_CHECKING:
     from ..fleet.join import ClusterOptions
     from ..host.domain import PublicUrl
-    from ..host.network import Config as NetConfig
+    from ..host.network.sandbox_network import Config as NetConfig
     from ..host.tls import ReloadingTls
 
 log = logging.getLogger("sandboxd.host")
@@ -204,10 +204,10 @@ async def serve(
     ssh_port: int = 0,
 ) -> None:
     from ..edge import harden
-    from ..host import gvisor
     from ..host.app import create_app
     from ..host.manager import Manager, untraversable
-    from ..host.runtime import bwrap_available
+    from ..host.runtime import gvisor
+    from ..host.runtime.bubblewrap import bwrap_available
 
     problem = bwrap_available() or untraversable(state_dir)
     if problem is None and sandbox_runtime == "gvisor":
@@ -218,7 +218,7 @@ async def serve(
     # has mounted, created or started anything it would have to undo.
     sock = listen(host, port)
     if build_default:  # issue 17: the first create works without a separate step
-        from ..host.images import ImageError, build_default_if_empty
+        from ..host.images.image_store import ImageError, build_default_if_empty
 
         try:
             await asyncio.to_thread(build_default_if_empty, images or state_dir / "images", 2)
@@ -351,7 +351,7 @@ def run(ns: argparse.Namespace) -> int:
     os.environ.pop("SANDBOXD_HOST_TOKEN", None)
     setup_logging(ns.log_level, "text", secrets=[token])
     from ..host.domain import PublicUrl
-    from ..host.network import Config as NetConfig
+    from ..host.network.sandbox_network import Config as NetConfig
     from ..host.tls import ReloadingTls
     from .fleet import cluster_options
 

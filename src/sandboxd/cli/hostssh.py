@@ -42,8 +42,8 @@ async def start_gateway(
     """
     if not port:
         return None
-    from ..host.sshgateway import LocalSandboxes, SshGateway, local_identity
-    from ..host.sshkeys import AuthorizedKeys
+    from ..host.proxy.sshgateway import LocalSandboxes, SshGateway, local_identity
+    from ..host.proxy.sshkeys import AuthorizedKeys
 
     local = LocalSandboxes(manager, AuthorizedKeys(state_dir))
     if cluster is not None:
@@ -101,14 +101,14 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 def _keys(ns: argparse.Namespace, method: str, *args: str) -> Any:
     """Call ``method`` on the state dir's keys, or on the fleet's (``--cluster``)."""
     if not ns.cluster:
-        from ..host.sshkeys import AuthorizedKeys
+        from ..host.proxy.sshkeys import AuthorizedKeys
 
         return getattr(AuthorizedKeys(ns.state_dir), method)(*args)
     import asyncio
 
     from ..fleet.sshfront import FleetSshKeys
     from ..fleet.store import Etcd, parse_cluster
-    from ..host.sshkeys import SshKeyError
+    from ..host.proxy.sshkeys import SshKeyError
     from .fleet import tls_of
 
     try:
@@ -137,7 +137,7 @@ def _fail(message: str) -> int:
 
 
 def run_add(ns: argparse.Namespace) -> int:
-    from ..host.sshkeys import SshKeyError
+    from ..host.proxy.sshkeys import SshKeyError
 
     try:
         text = sys.stdin.read() if ns.key_file == "-" else Path(ns.key_file).read_text()
@@ -156,7 +156,7 @@ def run_add(ns: argparse.Namespace) -> int:
 
 
 def run_list(ns: argparse.Namespace) -> int:
-    from ..host.sshkeys import SshKeyError
+    from ..host.proxy.sshkeys import SshKeyError
 
     try:
         entries = _keys(ns, "entries", ns.namespace)
@@ -185,7 +185,7 @@ def run_list(ns: argparse.Namespace) -> int:
 
 
 def run_rm(ns: argparse.Namespace) -> int:
-    from ..host.sshkeys import SshKeyError
+    from ..host.proxy.sshkeys import SshKeyError
 
     try:
         removed = _keys(ns, "remove", ns.namespace, ns.fingerprint)

@@ -24,7 +24,7 @@ DEFAULT_IMAGES = f"{HOST_STATE_DIR}/images"
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    from ..host import images
+    from ..host.images import image_store as images
 
     p = sub.add_parser(
         "image",
@@ -144,8 +144,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from ..host.image_use import names_in_use
-    from ..host.images import DEFAULT_IMAGE, ImageError, ImageStore
+    from ..host.images.image_store import DEFAULT_IMAGE, ImageError, ImageStore
+    from ..host.images.image_use import names_in_use
 
     signal.signal(signal.SIGTERM, _interrupt)
     store = ImageStore(ns.images)
@@ -157,7 +157,7 @@ def run(ns: argparse.Namespace) -> int:
                 print(f"image {ns.name} exists in {ns.images}")
                 return 0
             if ns.dockerfile is not None:
-                from ..host.dockerfile import Builder
+                from ..host.images.dockerfile import Builder
 
                 context = ns.context or ns.dockerfile.parent
                 img = Builder(store).build(

@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 
 from ..edge import error_response
 from ..edge.errors import Handler
-from ..host.proxy import HOST_WS_PROTOCOLS
+from ..host.proxy.http_proxy import HOST_WS_PROTOCOLS
 
 MARKER = "sandboxd.console.v1"
 KEY_PREFIX = "sandboxd.key."

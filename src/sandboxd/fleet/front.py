@@ -36,7 +36,7 @@ from aiohttp import web
 
 from ..edge import error_response, read_json
 from ..edge.auth import presented_key
-from ..host import archive, ingress, labels, proxy
+from ..host import archive, labels
 from ..host.model import (
     LIVE,
     PENDING,
@@ -47,8 +47,10 @@ from ..host.model import (
     info,
     parse_create,
 )
+from ..host.proxy import http_proxy as proxy
+from ..host.proxy import ingress
 from ..host.routing import PUBLIC_URL, sandbox_url
-from ..host.store import NameTaken
+from ..host.store.records import NameTaken
 from . import keys, lost, move, scope
 from . import pools as fleet_pools
 from . import snapshots as fleet_snapshots
@@ -219,7 +221,7 @@ class Front:
         key = presented_key(request)
         auth = self.authority
         if auth is not None and auth.required() and (key is None or auth.resolve(key) is None):
-            # Without a key, whether a sandbox exists is not told (host/ingress.py).
+            # Without a key, whether a sandbox exists is not told (host/proxy/ingress.py).
             return error_response(
                 401, "UNAUTHORIZED", "a valid 'Authorization: Bearer' key is required"
             )

@@ -13,10 +13,10 @@ from aiohttp import web
 
 from ..edge import LIMITS, Limits, cross_site_guard, errors_middleware
 from ..edge.auth import grant_auth
-from ..host import ingress
 from ..host.apikeys import Authority
 from ..host.domain import PublicUrl
 from ..host.model import ApiError
+from ..host.proxy import ingress
 from ..host.routing import PUBLIC_URL
 from .front import Front
 from .store import Etcd, Tls

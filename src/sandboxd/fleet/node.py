@@ -22,9 +22,10 @@ import os
 import time
 from typing import Any
 
-from ..host import capacity, runtime, states
+from ..host import capacity, states
 from ..host.manager import Manager
 from ..host.model import LIVE, ApiError, Record
+from ..host.runtime import bubblewrap as runtime
 from ..host.snapshots import Snapshot
 from . import keys, move
 from . import snapshots as fleet_snapshots

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..host import registry
+from ..host.images import registry
 from ..host.model import GIVEN_ID, LIVE, SPARE_TAKEN, ApiError, CreateSpec, new_id
 from . import keys
 from .store import Entry, Etcd
@@ -55,7 +55,7 @@ class Room:
             return f"all {self.slots} sandbox slots taken"
         if self.memory_used + spec.memory_mb > self.memory_mb:
             return f"{self.memory_mb - self.memory_used} MiB of memory left, {spec.memory_mb} asked"
-        # A registry reference is pulled by the node that gets it (host/pulls.py).
+        # A registry reference is pulled by the node that gets it (host/images/pulls.py).
         if spec.image not in self.images and not registry.is_reference(spec.image):
             return f"no image {spec.image!r}"
         return None

@@ -2,7 +2,7 @@
 
 A node (``sandboxd host --cluster ... --ssh-port N``) or a gateway
 (``sandboxd gateway --ssh-port N``) runs the same SSH gateway as a lone host
-(``host/sshgateway.py``) with the fleet's view of where logins lead:
+(``host/proxy/sshgateway.py``) with the fleet's view of where logins lead:
 
 * **Keys** are the fleet's, in etcd (``sandboxd host ssh-keys add --cluster``):
   one list per namespace, read at each login, so a key added or removed
@@ -31,8 +31,8 @@ import aiohttp
 import asyncssh
 
 from ..host.model import LIVE
-from ..host.sshgateway import DaemonLine, LocalSandboxes, SshGateway, Unreachable
-from ..host.sshkeys import AuthorizedKey, SshKeyError, parse_public_key
+from ..host.proxy.sshgateway import DaemonLine, LocalSandboxes, SshGateway, Unreachable
+from ..host.proxy.sshkeys import AuthorizedKey, SshKeyError, parse_public_key
 from . import keys
 from .front import record_of
 from .hop import HOP, fleet_hop, node_session
@@ -127,7 +127,7 @@ async def fleet_identity(etcd: Etcd) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
 
 
 class FleetSandboxes:
-    """Where logins lead in a fleet (host/sshgateway.py's ``Sandboxes``)."""
+    """Where logins lead in a fleet (host/proxy/sshgateway.py's ``Sandboxes``)."""
 
     def __init__(
         self,

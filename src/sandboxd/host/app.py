@@ -19,23 +19,9 @@ from aiohttp import web
 from .. import console
 from ..edge import LIMITS, Limits, cross_site_guard, errors_middleware
 from ..edge.auth import grant_auth
-from . import (
-    archive,
-    capacity,
-    domain,
-    ingress,
-    labels,
-    lifecycle,
-    logs,
-    observe,
-    proxy,
-    pulls,
-    reach,
-    resize,
-    usage,
-    volroutes,
-)
+from . import archive, capacity, domain, labels, lifecycle, logs, observe, resize, usage
 from .apikeys import Authority, KeyFile
+from .images import pulls
 from .manager import Manager
 from .model import (
     PENDING,
@@ -45,6 +31,8 @@ from .model import (
     parse_create,
 )
 from .model import parse_update as parse_patch
+from .proxy import http_proxy as proxy
+from .proxy import ingress, reach
 from .routing import (
     MANAGER,
     PREFIX,
@@ -56,6 +44,7 @@ from .routing import (
     sandbox_url,
     visible,
 )
+from .volumes import volroutes
 
 log = logging.getLogger("sandboxd.host")
 
@@ -72,7 +61,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     # A restore inherits the snapshot's image and resources (404 for an unknown one).
     spec = parse_create(m.snapshots.inherit(ns, await body_of(request)))
     capacity.check(spec, m.state_dir)  # 400 for what this host can never give
-    m.volumes.check_create(ns, spec.file_systems)  # 400 for an unknown volume (volumes.py)
+    m.volumes.check_create(
+        ns, spec.file_systems
+    )  # 400 for an unknown volume (volumes/volume_store.py)
     capacity.check_network(spec.network, m.net.enabled, m.net.reason)
     await m.check_network(spec.network)  # 400 for a name that does not resolve
     await pulls.ensure(m.images, spec.image)  # issue 17: a registry image is pulled first
@@ -304,7 +295,7 @@ def create_app(
     app.router.add_get(ARCHIVED + "/{id}", get_archived)
     app.router.add_route("*", "/api/v1/{tail:.*}", sandbox_proxy)
     lifecycle.add_routes(app)  # snapshots, copies and pools
-    volroutes.add_routes(app)  # attach/detach file systems, volumes (volumes.py)
+    volroutes.add_routes(app)  # attach/detach file systems, volumes (volumes/volume_store.py)
     domain.add_flat_routes(app)  # the same routes at the SDK's paths for api.<domain>
     console.add_routes(app)  # GET /console/: the web console's static files (docs/console.md)
     # GET /health and /metrics, behind the token like every route, and the

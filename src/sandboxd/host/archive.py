@@ -2,7 +2,7 @@
 
 An ended record (terminated or failed) stays in the sandbox store with its
 outcome, resources, timings and image; the store evicts the oldest ones past
-``SANDBOXD_ARCHIVE_MAX`` (store.py). The list is newest first and paged with
+``SANDBOXD_ARCHIVE_MAX`` (store/records.py). The list is newest first and paged with
 opaque cursors: ``next_cursor`` continues towards older records
 (``direction=forward``, the default), ``prev_cursor`` back towards newer ones
 (``direction=backward``). A cursor names the last record seen (its end time and

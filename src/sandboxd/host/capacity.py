@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import runtime
 from .model import CreateSpec, bad
+from .runtime import bubblewrap as runtime
 
 
 def memory_total_mb() -> int | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import capacity, pools, snapshots, volroutes
+from . import capacity, pools, snapshots
 from .model import ApiError, check_namespace, parse_create
 from .routing import (
     MANAGER,
@@ -34,6 +34,7 @@ from .routing import (
     started_body,
     wait_budget,
 )
+from .volumes import volroutes
 
 SNAPSHOTS = "/v1/namespaces/{ns}/snapshots"
 POOLS = "/v1/namespaces/{ns}/sandbox-pools"
@@ -199,7 +200,7 @@ async def delete_pool(request: web.Request) -> web.StreamResponse:
 async def claim(request: web.Request) -> web.StreamResponse:
     m = request.app[MANAGER]
     body = await body_of(request)
-    # file_systems: volumes mounted by the claim's start (volumes.py, volroutes.py).
+    # file_systems: volumes mounted by the claim's start (volumes/volume_store.py, volroutes.py).
     mounts = volroutes.claim_mounts(m, _ns(request), body)
     rec = m.pools.begin_claim(_ns(request), request.match_info["pool"], body)
     if mounts:

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import proxy
 from .model import FAILED, RUNNING, TERMINATED, Record, bad
+from .proxy import http_proxy as proxy
 
 if TYPE_CHECKING:
     from .manager import Manager

@@ -30,23 +30,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import (
-    checkpoint,
-    disk,
-    entrypoint,
-    gvisor,
-    launcher,
-    logs,
-    network,
-    runtime,
-    states,
-    usage,
-    warmpath,
-    zygote,
-)
-from .catalog import Catalog
-from .cgroup import Hierarchies, host_tag
-from .images import UID_OFFSET, ImageStore
+from . import entrypoint, logs, states, usage
+from .images.image_store import UID_OFFSET, ImageStore
 from .model import (
     DEFAULT_CPUS,
     DEFAULT_DISK_MB,
@@ -62,13 +47,18 @@ from .model import (
     Record,
     new_id,
 )
+from .network import sandbox_network as network
 from .observe import HostObserver
 from .pools import Pools
-from .proxy import Sessions
+from .proxy.http_proxy import Sessions
+from .runtime import bubblewrap as runtime
+from .runtime import checkpoint, disk, gvisor, launcher, warmpath, zygote
+from .runtime.cgroup import Hierarchies, host_tag
 from .snapshots import Snapshots
 from .states import Event
-from .store import NameTaken, Store
-from .volumes import Volumes
+from .store.catalog import Catalog
+from .store.records import NameTaken, Store
+from .volumes.volume_store import Volumes
 
 log = logging.getLogger("sandboxd.host")
 # How long a spare's start waits for the creates in flight to be done.
@@ -146,7 +136,7 @@ class Manager:
         self.zygotes = zygote.Zygotes(
             self.daemon.zygote_argv, on=None if sandbox_runtime == "bwrap" else False
         )
-        # Per-sandbox netns, veth and nft policy (network.py); None: loopback only.
+        # Per-sandbox netns, veth and nft policy (network/sandbox_network.py); None: loopback only.
         self.net = network.Network(self.tag, net)
         # disk_mb needs mkfs.ext4 (e2fsprogs); without it the dirs are plain.
         self.disks = shutil.which(disk.MKFS) is not None
@@ -168,7 +158,7 @@ class Manager:
         self.catalog = Catalog(state_dir / "catalog.db")
         self.snapshots = Snapshots(self, self.catalog)
         self.pools = Pools(self, self.catalog)
-        # Named volumes under state_dir/volumes, mounted live into sandboxes (volumes.py).
+        # Named volumes under state_dir/volumes, mounted live into sandboxes (volumes/volume_store.py).
         self.volumes = Volumes(self)
         # /metrics, /health and the event lines (observe.py).
         self.observe = HostObserver(self)
@@ -493,7 +483,7 @@ class Manager:
                     seed=seed,
                     policy=(self.store.by_id(rec.id) or rec).network,
                 )
-            if rec.file_systems:  # mounted before the entrypoint runs (volumes.py)
+            if rec.file_systems:  # mounted before the entrypoint runs (volumes/volume_store.py)
                 await self.volumes.mount_all(rec)
             if not (claimed and rec.pool_id is not None):  # a pool's warm one runs it already
                 await entrypoint.run_on(self, rec.id)
@@ -573,7 +563,7 @@ class Manager:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
         await self.gvisor.teardown(sandbox_id)  # runsc's state, if it ran under gVisor
-        # Its netns, veth and nft chain (network.py, ~30 ms) alongside its files.
+        # Its netns, veth and nft chain (network/sandbox_network.py, ~30 ms) alongside its files.
         layout = self.layout(sandbox_id)
         await asyncio.to_thread(launcher.release_netns, layout.dir)
         await asyncio.gather(
@@ -689,7 +679,7 @@ class Manager:
         self.store.put(cur)
         return cur
 
-    # -- network (network.py) ---------------------------------------------------
+    # -- network (network/sandbox_network.py) ---------------------------------------------------
 
     async def check_network(self, policy: dict[str, Any] | None) -> None:
         """Create: 400 ``UNRESOLVABLE_DESTINATION`` before anything is made."""

@@ -18,9 +18,11 @@ from typing import Any
 
 from ..edge.errors import ApiError  # the shared edge's; imported from here too
 from . import labels as _labels
-from . import registry, states, volspec
-from .network import PolicyError, normalize_policy
+from . import states
+from .images import registry
+from .network.sandbox_network import PolicyError, normalize_policy
 from .states import Status
+from .volumes import volspec
 
 # The statuses and every change of them: states.py (the one state machine).
 PENDING = Status.PENDING
@@ -36,7 +38,7 @@ STATUSES = frozenset({*Status, "timeout"})
 # (cgroup freezer), its memory and processes intact.
 LIVE = frozenset(s.value for s in states.LIVE)  # plain str: it goes into SQL
 
-# Image names that map to the store's "default" image (images.py). The SDK's
+# Image names that map to the store's "default" image (images/image_store.py). The SDK's
 # managed base names are accepted so scripts written for Tensorlake run
 # unchanged; any other name must be an image of the store (else 400).
 DEFAULT_IMAGE = "default"
@@ -145,7 +147,7 @@ class CreateSpec:
     # The image name as the request gave it (an alias such as "python" reads back as such).
     image_asked: str | None = None
     labels: dict[str, str] = field(default_factory=dict)  # labels.py
-    # Volumes to mount (volspec.py, volumes.py): [{file_system_id, mount_path, read_only}].
+    # Volumes to mount (volumes/volspec.py, volumes/volume_store.py): [{file_system_id, mount_path, read_only}].
     file_systems: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -285,7 +287,7 @@ class Record:
     entrypoint: list[str] | None = None
     entrypoint_pid: int | None = None
     entrypoint_error: str | None = None
-    # Volumes mounted (volumes.py): [{file_system_id, mount_path, read_only}].
+    # Volumes mounted (volumes/volume_store.py): [{file_system_id, mount_path, read_only}].
     file_systems: list[dict[str, Any]] | None = None
     labels: dict[str, str] = field(default_factory=dict)  # user labels (labels.py)
 

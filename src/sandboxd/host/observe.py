@@ -216,7 +216,7 @@ OBSERVER: web.AppKey[HostObserver] = web.AppKey("sandboxd_host_observer", HostOb
 async def readiness(m: Manager) -> dict[str, dict[str, Any]]:
     """Each check: ``ok`` and what it found (or what is wrong, and how to fix it)."""
     from .model import DEFAULT_IMAGE
-    from .runtime import bwrap_available
+    from .runtime.bubblewrap import bwrap_available
 
     checks: dict[str, dict[str, Any]] = {}
     try:

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import entrypoint
-from .catalog import Catalog
 from .entrypoint import Started
 from .labels import MAX_LABELS, check_labels
 from .model import ApiError, CreateSpec, Record, bad, parse_create
+from .store.catalog import Catalog
 
 if TYPE_CHECKING:
     from .manager import Manager

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..engine import cgroupfs
-from . import mounts, runtime
-from .cgroup import CPU_PERIOD_US, SandboxCgroup, _set_memory_v1
 from .model import Record, bad
+from .runtime import bubblewrap as runtime
+from .runtime import mounts
+from .runtime.cgroup import CPU_PERIOD_US, SandboxCgroup, _set_memory_v1
 from .states import Event
 
 if TYPE_CHECKING:

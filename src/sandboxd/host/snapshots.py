@@ -42,14 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import checkpoint, gvisor, runtime, states
-from .catalog import Catalog
+from . import states
 from .model import RUNNING, SNAPSHOTTING, ApiError, Record, bad, canonical_image
+from .runtime import bubblewrap as runtime
+from .runtime import checkpoint, gvisor
 from .states import Event
+from .store.catalog import Catalog
 
 if TYPE_CHECKING:
-    from .cgroup import SandboxCgroup
     from .manager import Manager
+    from .runtime.cgroup import SandboxCgroup
 
 log = logging.getLogger("sandboxd.host")
 

@@ -48,13 +48,13 @@ from prometheus_client.registry import Collector
 
 from ..edge.errors import ApiError
 from ..engine import cgroupfs
-from .netns import in_netns
+from .network.netns import in_netns
 from .states import Status
 
 if TYPE_CHECKING:
-    from .cgroup import SandboxCgroup
     from .manager import Manager
     from .model import Record
+    from .runtime.cgroup import SandboxCgroup
 
 log = logging.getLogger("sandboxd.host")
 

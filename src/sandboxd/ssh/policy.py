@@ -1,7 +1,7 @@
 """What both SSH servers of sandboxd offer: public keys only, and no forwarding of any kind.
 
 Mixed into the daemon's server (``server.py``) and the host's gateway
-(``host/sshgateway.py``) ahead of ``asyncssh.SSHServer``. Without asyncssh
+(``host/proxy/sshgateway.py``) ahead of ``asyncssh.SSHServer``. Without asyncssh
 imports, so the daemon loads asyncssh only when SSH is enabled.
 """
 

@@ -43,10 +43,11 @@ from typing import Any, Protocol
 import aiohttp
 import asyncssh
 
-from ..ssh.policy import PublicKeyOnly
-from . import proxy, reach, tunnel
-from .manager import Manager
-from .model import ApiError
+from ...ssh.policy import PublicKeyOnly
+from ..manager import Manager
+from ..model import ApiError
+from . import http_proxy as proxy
+from . import reach, tunnel
 from .sshkeys import AuthorizedKeys
 
 log = logging.getLogger("sandboxd.host.ssh")

@@ -64,11 +64,11 @@ from typing import TypeVar
 
 import aiohttp
 
-from .. import zygote_child
-from ..edge.connections import STARTED_WITH_NOFILE
+from ... import zygote_child
+from ...edge.connections import STARTED_WITH_NOFILE
+from ..images.image_store import UID_COUNT, Image
 from . import cgroup as cg
 from . import disk, mounts, seccomp
-from .images import UID_COUNT, Image
 from .zygote import Zygote
 
 _log = logging.getLogger("sandboxd.host.runtime")
@@ -303,7 +303,7 @@ class DaemonRuntime:
         return [*self._interpreter(boot)[:-3], "-I", "-S", "-c", boot, str(exit_fd)]
 
     def zygote_argv(self, image: Image) -> list[str]:
-        """The zygote's command line (``host/zygote.py``; ``{FD}``: its socket to the host).
+        """The zygote's command line (``host/runtime/zygote.py``; ``{FD}``: its socket to the host).
 
         bubblewrap as the host's root, without a user or pid namespace of its
         own (joining a sandbox's needs both the host's); a mount namespace whose

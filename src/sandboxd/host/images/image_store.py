@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import mounts, oci, registry
+from ..runtime import mounts
+from . import oci, registry
 from .oci import FormatError, ImageConfig
 
 DEFAULT_STORE = "/var/lib/sandboxd-host/images"

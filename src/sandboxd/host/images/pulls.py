@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..edge.errors import ApiError
+from ...edge.errors import ApiError
 from . import registry
-from .images import ImageError, ImageStore
+from .image_store import ImageError, ImageStore
 
 log = logging.getLogger("sandboxd.host")
 

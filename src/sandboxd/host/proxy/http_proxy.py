@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from aiohttp.client_exceptions import UnixClientConnectorError
 
-from ..edge import MAX_WS_MESSAGE, error_response
+from ...edge import MAX_WS_MESSAGE, error_response
 
 # RFC 9110 §7.6.1: connection-scoped headers are not forwarded. Host is
 # replaced by the connector's; content-length/transfer-encoding are re-derived.

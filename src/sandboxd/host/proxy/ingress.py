@@ -30,14 +30,16 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from ..edge import error_response
-from ..edge.auth import Grant, presented_key
-from . import network, proxy, tunnel
-from .model import RUNNING, SNAPSHOTTING, SUSPENDED, ApiError
+from ...edge import error_response
+from ...edge.auth import Grant, presented_key
+from ..model import RUNNING, SNAPSHOTTING, SUSPENDED, ApiError
+from ..network import sandbox_network as network
+from . import http_proxy as proxy
+from . import tunnel
 
 if TYPE_CHECKING:
-    from .apikeys import Authority
-    from .manager import Manager
+    from ..apikeys import Authority
+    from ..manager import Manager
 
 # <port>-<sandbox id>.<any host>[:port]; ids are "sbx-" + hex (model.new_id).
 _HOST = re.compile(r"^(\d{1,5})-(sbx-[0-9a-z]+)\.[^:]", re.IGNORECASE)

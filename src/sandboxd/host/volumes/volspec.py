@@ -14,7 +14,7 @@ import posixpath
 import re
 from typing import Any
 
-from ..edge.errors import ApiError
+from ...edge.errors import ApiError
 
 # Like sandbox names: they end up in paths and URLs.
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -47,14 +47,15 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..edge.errors import ApiError
-from . import launcher, volmount, volspec
-from .images import UID_OFFSET
-from .states import Status
+from ...edge.errors import ApiError
+from ..images.image_store import UID_OFFSET
+from ..runtime import launcher
+from ..states import Status
+from . import volmount, volspec
 
 if TYPE_CHECKING:
-    from .manager import Manager
-    from .model import Record
+    from ..manager import Manager
+    from ..model import Record
 
 HELPER_TIMEOUT_S = 30.0
 GVISOR_REFUSAL = (

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model import check_namespace
+from ..model import check_namespace
 
 
 class SshKeyError(Exception):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..edge.connections import STARTED_WITH_NOFILE
+from ...edge.connections import STARTED_WITH_NOFILE
 from . import seccomp
 from .zygote import Zygote, ZygoteError
 
@@ -56,7 +56,7 @@ async def start(
     Raises :class:`ZygoteError` after ending what it started (the caller may
     then take the exec path with the same prepared sandbox).
     """
-    from .runtime import LAUNCH_ENV
+    from .bubblewrap import LAUNCH_ENV
 
     life_r, life_w = os.pipe()
     info_r, info_w = os.pipe()

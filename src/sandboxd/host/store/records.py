@@ -16,7 +16,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .model import LIVE, ApiError, Record
+from ..model import LIVE, ApiError, Record
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sandboxes (

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .images import Image
+from ..images.image_store import Image
 
 log = logging.getLogger("sandboxd.host.zygote")
 
@@ -88,7 +88,7 @@ class Zygote:
 
     async def start(self) -> None:
         """Start it and wait for its ``ready`` (its imports done); sets ``error`` on failure."""
-        from .runtime import LAUNCH_ENV
+        from .bubblewrap import LAUNCH_ENV
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -196,7 +196,7 @@ def _with_the_host(host_pid: int) -> Callable[[], None]:
     stdout and stderr. The death signal is set before the exec instead, and a
     host already gone by then is noticed at once.
     """
-    from ..edge.connections import STARTED_WITH_NOFILE
+    from ...edge.connections import STARTED_WITH_NOFILE
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 

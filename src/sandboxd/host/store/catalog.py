@@ -15,7 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from .store import connect_private
+from .records import connect_private
 
 T = TypeVar("T")
 

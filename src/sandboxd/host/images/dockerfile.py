@@ -30,7 +30,7 @@ from . import registry
 from .oci import FormatError, check_tools, run_tool
 
 if TYPE_CHECKING:
-    from .images import Image, ImageStore
+    from .image_store import Image, ImageStore
 
 BUILDAH = "buildah"
 _FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", re.I | re.M)
@@ -52,7 +52,7 @@ def bases(dockerfile: str) -> list[str]:
 class Builder:
     def __init__(self, store: ImageStore) -> None:
         self.store = store
-        from .images import BUILDAH_CACHE
+        from .image_store import BUILDAH_CACHE
 
         self.home = store.root / BUILDAH_CACHE
 
@@ -77,7 +77,7 @@ class Builder:
         log: int | None,
         authfile: Path | None = None,
     ) -> Image:
-        from .images import ImageError, check_name
+        from .image_store import ImageError, check_name
 
         check_name(name)
         try:
@@ -131,7 +131,7 @@ class Builder:
 
     def _offer(self, base: str, log: int | None) -> None:
         """Make the store's image ``base`` buildah's ``localhost/base`` (unless it already is)."""
-        from .images import UID_OFFSET
+        from .image_store import UID_OFFSET
 
         image = self.store.get(base)
         assert image is not None

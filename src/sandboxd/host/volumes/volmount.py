@@ -2,7 +2,7 @@
 
 Run by the host as ``python -I volmount.py attach|detach ...`` (this file
 alone: it imports nothing of sandboxd) with two inherited descriptors: the sandbox's user namespace and its mount
-namespace (opened by :func:`sandboxd.host.volumes.sandbox_namespaces`, never
+namespace (opened by :func:`sandboxd.host.volumes.volume_store.sandbox_namespaces`, never
 through a pid looked up later). A fresh process because ``setns`` into a user
 namespace needs a single-threaded caller, which the host's event loop is not.
 

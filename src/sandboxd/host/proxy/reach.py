@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from .manager import Manager
-from .model import PENDING, RUNNING, SNAPSHOTTING, SUSPENDED, SUSPENDING, ApiError, Record
+from ..manager import Manager
+from ..model import PENDING, RUNNING, SNAPSHOTTING, SUSPENDED, SUSPENDING, ApiError, Record
 
 
 def _as_is(rec: Record | None) -> Record | None:

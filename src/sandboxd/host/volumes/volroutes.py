@@ -17,10 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ..model import ApiError, check_namespace, info
+from ..routing import MANAGER, PREFIX, body_of, find, sandbox_url
 from . import volspec
-from .model import ApiError, check_namespace, info
-from .routing import MANAGER, PREFIX, body_of, find, sandbox_url
-from .volumes import ARTIFACT_STORAGE
+from .volume_store import ARTIFACT_STORAGE
 
 VOLUMES = "/v1/namespaces/{ns}/volumes"
 

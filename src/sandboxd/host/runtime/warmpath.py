@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import os
 
-from ..engine import cgroupfs
+from ...engine import cgroupfs
 
 _procs: str | bool | None = False  # False: not looked up yet
 

@@ -45,12 +45,15 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from . import gvisor, proxy, runtime, states
-from .model import ApiError, Record
-from .states import Event
+from .. import states
+from ..model import ApiError, Record
+from ..proxy import http_proxy as proxy
+from ..states import Event
+from . import bubblewrap as runtime
+from . import gvisor
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from ..manager import Manager
 
 log = logging.getLogger("sandboxd.host")
 
@@ -331,7 +334,7 @@ async def _stop_talking(m: Manager, sandbox_id: str) -> None:
 
 def _daemon_connections(proc_net_tcp: str) -> int:
     """Sockets of the daemon's port in ``/proc/net/tcp`` neither listening nor closed."""
-    from ..api.sockets import parse_proc_net_tcp
+    from ...api.sockets import parse_proc_net_tcp
 
     return sum(
         1

@@ -10,7 +10,7 @@ the image owned by root, and what root inside writes lands on disk as uid
 
 The overlay must still read ``lowerdir=<image rootfs>`` in the host's
 mountinfo: that is how the image store knows an image is in use. So it is made
-by a short-lived helper (``python -m sandboxd.host.gvisor_root``) in a private
+by a short-lived helper (``python -m sandboxd.host.runtime.gvisor_root``) in a private
 mount namespace, where the views are mounted *over* the image's and the
 layer's own paths; the helper builds the overlay there with the new mount API
 (``fsopen``/``fsmount``, the paths as the host knows them) and hands the
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .images import UID_COUNT
+from ..images.image_store import UID_COUNT
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # One table for x86_64 and aarch64 (these calls came after the unification).

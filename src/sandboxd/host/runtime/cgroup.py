@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import cgroupfs
+from ...engine import cgroupfs
 
 PARENT = "sandboxd-host"
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from ..edge import MAX_WS_MESSAGE
+from ...edge import MAX_WS_MESSAGE
 
 READ_SIZE = 64 << 10
 

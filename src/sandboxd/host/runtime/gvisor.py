@@ -61,9 +61,12 @@ from typing import Any
 import aiohttp
 from aiohttp.client_exceptions import ClientConnectorError
 
+from ..images.image_store import Image
+from ..network import sandbox_network as network
+from ..proxy import http_proxy as proxy
+from . import bubblewrap as runtime
 from . import cgroup as cg
-from . import gvisor_root, network, proxy, runtime
-from .images import Image
+from . import gvisor_root
 
 log = logging.getLogger("sandboxd.host")
 
@@ -115,12 +118,12 @@ COMMAND_TIMEOUT_S = 30
 # Saving writes the sandbox's whole memory (up to memory_mb) to disk.
 CHECKPOINT_TIMEOUT_S = 300
 BOOT_MAIN = "from sandboxd.cli import main"
-BOOT_PIDFD = "import sandboxd.host.gvisor_pidfd as p; p.install()"
+BOOT_PIDFD = "import sandboxd.host.runtime.gvisor_pidfd as p; p.install()"
 # A daemon runsc can save: its event loop on poll(2), not epoll. runsc 20221219
 # refuses to save a TCP socket with a waiter; an epoll registration stays one
 # for as long as the socket is watched, a poll(2) lasts only as long as the call
 # (and a save interrupts the call).
-BOOT_POLL = "import sandboxd.host.gvisor_pidfd as p; p.poll_event_loop()"
+BOOT_POLL = "import sandboxd.host.runtime.gvisor_pidfd as p; p.poll_event_loop()"
 RLIMIT_NOFILE = 65536
 
 # Root inside is root of the Sentry, not of the host: the capabilities gVisor knows,

@@ -13,7 +13,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from .model import LIVE
+from ..model import LIVE
 
 
 def _rows(db: Path, sql: str) -> list[tuple[str, ...]]:
