@@ -735,6 +735,55 @@ def test_the_lost_sweep_spares_a_node_that_joined_again_since_its_read() -> None
         etcd_fixture.stop_cluster(c)
 
 
+def test_a_front_reads_the_whole_fleet_only_when_a_node_left() -> None:
+    """Each sweep looks at the node keys; reads the records only after a node left (or at
+    start)."""
+    import asyncio
+
+    from sandboxd.fleet import keys
+    from sandboxd.fleet.front import Front
+    from sandboxd.fleet.store import Etcd
+
+    reason = etcd_fixture.missing()
+    if reason:
+        skip_with_reason(reason)
+    c = etcd_fixture.start_cluster(size=1)
+
+    def node(name: str) -> dict[str, object]:
+        url = "http://127.0.0.1:9"
+        return {"node": name, "url": url, "slots": 4, "memory_mb": 4096, "images": ["default"]}
+
+    async def scenario() -> list[object]:
+        etcd = Etcd("etcd://127.0.0.1:" + str(c.client_ports[0]))
+        front = Front(etcd, None, None)
+        record = keys.sandbox("default", "sbx-00000000000000bb")
+        try:
+            for n in ("a", "b"):
+                await etcd.put(keys.node(n), node(n))
+            live = {"id": record[-20:], "status": "running", "memory_mb": 128}
+            await etcd.put(record, {"node": "b", "record": live})
+            await front.nodes.sync()  # (what the front's watch brings; read here at once)
+            seen: list[object] = [await front.sweep(), await front.sweep()]  # the start, then none
+            await etcd.put(keys.node("c"), node("c"))
+            await front.nodes.sync()
+            seen.append(await front.sweep())  # a node joined: nothing to end
+            await etcd.delete(keys.node("b"))
+            await front.nodes.sync()
+            seen.append(await front.sweep())  # b left: its sandbox is lost
+            seen.append(await front.sweep())
+            got = await etcd.get(record)
+            assert got is not None
+            seen.append(got.value["record"]["termination_reason"])
+            return seen
+        finally:
+            await etcd.close()
+
+    try:
+        assert asyncio.run(scenario()) == [True, False, False, True, False, "node_lost"]
+    finally:
+        etcd_fixture.stop_cluster(c)
+
+
 def test_a_snapshot_taken_through_one_front_restores_through_another(fleet: Fleet) -> None:
     from tensorlake.sandbox import Sandbox
 

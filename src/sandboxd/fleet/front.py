@@ -69,6 +69,8 @@ _SNAPSHOTS = re.compile(r"^/v1/namespaces/([^/]+)/snapshots$")
 _ARCHIVED = re.compile(r"^/v1/namespaces/([^/]+)/archived-sandboxes(?:/([^/]+))?$")
 _FIELDS = {f.name for f in dataclasses.fields(Record)}
 MAX_REMEMBERED = 100_000  # sandbox locations a front keeps (for proxying without etcd)
+FULL_SWEEP_S = 30.0  # the whole fleet read for lost nodes at least this often (see sweep)
+NODES_RESYNC_S = 10.0  # the node keys read again at least this often, whatever the watch says
 
 
 def record_of(value: dict[str, Any]) -> Record:
@@ -95,6 +97,8 @@ class Front:
         self._own_lease = 0
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._where: dict[str, Entry] = {}  # sandbox id -> its record, as last read
+        # The nodes in the fleet (their keys), through a watch: read per request, no I/O.
+        self.nodes = WatchedPrefix(etcd, keys.NODES, "nodes", NODES_RESYNC_S, self._nodes_changed)
         self._urls: dict[str, str] = {}  # node -> advertised URL, as last read
         self._tasks: list[asyncio.Task[None]] = []
         self.snapshots: Any = None  # a node's host/snapshots.Snapshots (join.py); a gateway's None
@@ -103,6 +107,9 @@ class Front:
         # A gateway's host/apikeys.Authority (gateway.py): exposed ports it cannot place.
         self.authority: Any = None
         self.refills = ShareAsks(self)  # moved pool shares, asked of their node until taken
+        self._swept_nodes: frozenset[str] | None = None  # the nodes at the last full sweep
+        self._swept_at = 0.0
+        self.full_sweeps = 0  # (tests and logs)
 
     # -- life ---------------------------------------------------------------
 
@@ -111,6 +118,7 @@ class Front:
 
     async def start(self) -> None:
         await self.keys.start()  # before the first request is served: keys are checked on it
+        await self.nodes.start()  # and where each node is
         self.hop = await fleet_hop(self.etcd, self.token)
         if self._lease_of is None:  # a gateway: its reservations live under its own lease
             self._own_lease = await self.etcd.grant(self.ttl)
@@ -125,6 +133,7 @@ class Front:
         await self.refills.stop()
         await self.keys.stop()
         await self.moves.stop()
+        await self.nodes.stop()
         for s in self._sessions.values():
             await s.close()
 
@@ -139,12 +148,35 @@ class Front:
         while True:
             await asyncio.sleep(max(0.2, self.ttl / 4))
             try:
-                await lost.sweep(self.etcd)
-                await fleet_pools.refill_lost(self)
+                await self.sweep()
             except Unavailable:
                 pass  # no quorum: nobody can be declared lost now; the next sweep will
             except Exception:
                 log.exception("the lost-node sweep failed")
+
+    async def sweep(self) -> bool:
+        """Lost nodes' sandboxes ended and their pool shares moved; True if it looked.
+
+        Each round looks at the node keys (held through a watch). The whole fleet
+        (every record, every pool) is read when a node left since the last look, and at least every
+        :data:`FULL_SWEEP_S` whatever happened (a front that started after a loss,
+        a write that failed): a fleet of thousands of sandboxes is not read by every
+        front four times per lease.
+        """
+        nodes = frozenset(self._urls)
+        due = (
+            self._swept_nodes is None
+            or not self._swept_nodes <= nodes
+            or time.monotonic() - self._swept_at > FULL_SWEEP_S
+        )
+        if not due:
+            self._swept_nodes = nodes  # a node joined: nothing to end
+            return False
+        await lost.sweep(self.etcd)
+        await fleet_pools.refill_lost(self)
+        self._swept_nodes, self._swept_at = nodes, time.monotonic()
+        self.full_sweeps += 1
+        return True
 
     # -- where things are -----------------------------------------------------
 
@@ -154,13 +186,11 @@ class Front:
             s = self._sessions[url] = node_session(url)
         return s
 
+    def _nodes_changed(self, entries: list[Entry]) -> None:
+        self._urls = {e.value["node"]: e.value["url"] for e in entries}
+
     async def node_url(self, node: str) -> str | None:
         """The node's URL while it is in the fleet (its lease alive), else None."""
-        try:
-            _, entries = await self.etcd.prefix(keys.NODES, serializable=True)
-        except Unavailable:
-            return self._urls.get(node)
-        self._urls = {e.value["node"]: e.value["url"] for e in entries}
         return self._urls.get(node)
 
     async def locate(self, sid: str, ns: str | None = None) -> Entry | None:
@@ -320,8 +350,7 @@ class Front:
     async def _records(self, ns: str) -> tuple[list[Record], dict[str, str]]:
         """Every node's sandboxes of ``ns`` from etcd, and the node of each."""
         _, entries = await self.etcd.prefix(f"{keys.SANDBOXES}{ns}/", serializable=True)
-        _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
-        alive = {n.value["node"] for n in nodes}
+        alive = set(self._urls)
         now = time.time()
         recs, where = [], {}
         for e in entries:
@@ -490,9 +519,8 @@ class Front:
                 if shown is not None:
                     return web.json_response(shown)
             elif request.method == "DELETE":
-                _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
                 near = (
-                    fleet_snapshots.sharing(nodes, str(e.value["dir"]))
+                    fleet_snapshots.sharing(self.nodes.entries, str(e.value["dir"]))
                     if fleet_snapshots.movable(e.value)
                     else []
                 )
@@ -523,8 +551,7 @@ class Front:
                     404, "SNAPSHOT_NOT_FOUND", f"no snapshot {snap!r} in namespace {ns!r}"
                 )
             return frozenset({self.node})  # the host's own answer (its 404, or its old one)
-        _, nodes = await self.etcd.prefix(keys.NODES, serializable=True)
-        return fleet_snapshots.restore_nodes(e.value, nodes, snap)
+        return fleet_snapshots.restore_nodes(e.value, self.nodes.entries, snap)
 
     async def _adopt(self, request: web.Request) -> None:
         """A forwarded request about another node's snapshot: its record here first."""

@@ -279,7 +279,7 @@ async def delete(
 
 async def list_all(front: Front, request: web.Request, ns: str) -> web.StreamResponse:
     """Every pool of the namespace: each node's list, a pool's shares summed."""
-    _, nodes = await front.etcd.prefix(keys.NODES, serializable=True)
+    nodes = front.nodes.entries
     _, spread_of = await front.etcd.prefix(f"{keys.POOLS}{ns}/", serializable=True)
     known = {e.key.rsplit("/", 1)[-1]: e.value for e in spread_of}
     pools: dict[str, dict[str, Any]] = {}
