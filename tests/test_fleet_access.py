@@ -226,9 +226,12 @@ def test_another_namespaces_sandboxes_snapshots_and_pools_are_missing_ids_on_eve
         client_a = SandboxClient(api_url=access.fleet.gateway_url, api_key=key_a)
     pool = client_a.create_pool(image="default", memory_mb=128, warm_containers=0).pool_id
     snap = sbx.checkpoint()
+    ended = _sdk_create(access.fleet.gateway_url, key_a)  # A's archive (the fleet's) has it
+    ended.terminate()
     try:
         assert snap.status.value == "completed"
         sid = sbx.sandbox_id
+        assert client_a.get_archived(ended.sandbox_id).status.value == "terminated"
         for name, url in access.fronts.items():
             where = f"{name} ({url})"
             # Lists: A's things are not in B's (default = the key's own namespace).
@@ -237,6 +240,7 @@ def test_another_namespaces_sandboxes_snapshots_and_pools_are_missing_ids_on_eve
                 ("/v1/namespaces/team-b/sandboxes", "sandboxes", sid),
                 ("/v1/namespaces/default/snapshots", "snapshots", snap.snapshot_id),
                 ("/v1/namespaces/default/sandbox-pools", "pools", pool),
+                ("/v1/namespaces/default/archived-sandboxes", "sandboxes", ended.sandbox_id),
             ):
                 r = httpx.get(url + path, headers=bearer(key_b), timeout=30)
                 assert r.status_code == 200, (where, path, r.text)
@@ -252,6 +256,7 @@ def test_another_namespaces_sandboxes_snapshots_and_pools_are_missing_ids_on_eve
                 ("/v1/namespaces/default/sandboxes/", sid, MISSING),
                 ("/v1/namespaces/default/snapshots/", snap.snapshot_id, "snap-0000000000000000"),
                 ("/v1/namespaces/default/sandbox-pools/", pool, "pool-0000000000000000"),
+                ("/v1/namespaces/default/archived-sandboxes/", ended.sandbox_id, MISSING),
             ):
                 got = _answers(url, key_b, path + ident)
                 assert got == _answers(url, key_b, path + missing), (where, path, got)
