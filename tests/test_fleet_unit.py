@@ -7,15 +7,7 @@ import pytest
 from sandboxd.fleet import keys
 from sandboxd.fleet.hop import hop_value
 from sandboxd.fleet.lost import lost_value, orphans
-from sandboxd.fleet.node import (
-    END_ABORTED,
-    END_MOVED,
-    FINAL,
-    GIVE_UP,
-    WAIT,
-    Unpublished,
-    copy_fate,
-)
+from sandboxd.fleet.node import Fate, Unpublished, copy_fate
 from sandboxd.fleet.placement import no_capacity, rooms
 from sandboxd.fleet.store import Entry, grpc_target, parse_cluster
 from sandboxd.host.model import CreateSpec
@@ -194,13 +186,13 @@ def test_what_a_node_does_with_a_copy_the_fleet_puts_elsewhere() -> None:
     moved_to_a = {**to_a, "state": "moved"}
     moved_to_c = {"state": "moved", "from": "a", "to": "c"}
     # A move here under way: the copy is the fleet's once the mover commits.
-    assert copy_fate("a", True, running, to_a) == WAIT
+    assert copy_fate("a", True, running, to_a) == Fate.WAIT
     # The race seen in CI: the record was read before the mover's commit, the
     # move key after it. The copy is the fleet's now; ending it lost the sandbox.
-    assert copy_fate("a", True, running, moved_to_a) == WAIT
+    assert copy_fate("a", True, running, moved_to_a) == Fate.WAIT
     # The source of a done move ends its copy as moved; a copy of a move that
     # never committed (no key) as aborted; one the fleet ended meanwhile gives up.
-    assert copy_fate("a", True, running, moved_to_c) == END_MOVED
-    assert copy_fate("a", True, running, None) == END_ABORTED
-    assert copy_fate("a", True, ended, None) == GIVE_UP
-    assert copy_fate("a", False, running, None) == FINAL
+    assert copy_fate("a", True, running, moved_to_c) == Fate.END_MOVED
+    assert copy_fate("a", True, running, None) == Fate.END_ABORTED
+    assert copy_fate("a", True, ended, None) == Fate.GIVE_UP
+    assert copy_fate("a", False, running, None) == Fate.FINAL

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import os
 import time
@@ -94,17 +95,17 @@ class Unpublished:
             del self._changes[s.id]
 
 
-# What a node does with a live copy the fleet's record puts on another node.
-WAIT, FINAL, GIVE_UP, END_MOVED, END_ABORTED = (
-    "wait",
-    "final",
-    "give_up",
-    "end_moved",
-    "end_aborted",
-)
+class Fate(enum.Enum):
+    """What a node does with a copy of a sandbox the fleet's record puts on another node."""
+
+    WAIT = "wait"  # a move here: the copy is the fleet's once committed (or just was)
+    FINAL = "final"  # ended here already: nothing to publish, nothing to end
+    GIVE_UP = "give_up"  # the fleet ended it while away: end it as the fleet did
+    END_MOVED = "end_moved"  # the source of a done move: end it, reason ``moved``
+    END_ABORTED = "end_aborted"  # a move's copy the fleet never took: ``move_aborted``
 
 
-def copy_fate(node: str, live: bool, fleet: dict[str, Any], moving: dict[str, Any] | None) -> str:
+def copy_fate(node: str, live: bool, fleet: dict[str, Any], moving: dict[str, Any] | None) -> Fate:
     """A copy here whose fleet record (``fleet``, read first) names another node.
 
     ``moving`` is the sandbox's move key, read *after* the record: a mover may
@@ -114,12 +115,14 @@ def copy_fate(node: str, live: bool, fleet: dict[str, Any], moving: dict[str, An
     sandbox that runs nowhere.
     """
     if not live:
-        return FINAL
+        return Fate.FINAL
     if moving is not None and moving.get("to") == node:
-        return WAIT
+        return Fate.WAIT
     if ended_in_fleet(fleet):
-        return GIVE_UP
-    return END_MOVED if moving is not None and moving.get("from") == node else END_ABORTED
+        return Fate.GIVE_UP
+    if moving is not None and moving.get("from") == node:
+        return Fate.END_MOVED
+    return Fate.END_ABORTED
 
 
 class NodeAgent:
@@ -324,14 +327,14 @@ class NodeAgent:
         self._names.pop(rec.id, None)  # the name key is the other node's: left alone
         mv = await self.etcd.get(move.move_key(rec.namespace, rec.id)) if rec.live else None
         fate = copy_fate(self.node, rec.live, cur.value, None if mv is None else mv.value)
-        if fate == WAIT:  # ours once the mover commits (or just did); ended by it if it gives up
+        if fate is Fate.WAIT:  # ours once the mover commits (or just did); ended by it if not
             return
         self._final.add(rec.id)
-        if fate == GIVE_UP:
+        if fate is Fate.GIVE_UP:
             await self._give_up(rec, cur.value)
-        elif fate in (END_MOVED, END_ABORTED):
+        elif fate in (Fate.END_MOVED, Fate.END_ABORTED):
             log.info("sandbox %s: node %s has it in the fleet; ending this copy", rec.id, cur.value)
-            reason = move.MOVED if fate == END_MOVED else move.MOVE_ABORTED
+            reason = move.MOVED if fate is Fate.END_MOVED else move.MOVE_ABORTED
             await self.m.terminate(rec.id, reason)
 
     async def _moved_away(self) -> None:
