@@ -164,6 +164,7 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=BENCH_DIR, help="where results.md/json go")
     ns = ap.parse_args()
+    ns.out.mkdir(parents=True, exist_ok=True)  # before minutes of figures, not after
     missing = [
         t for t in REQUIRED_TOOLS if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
     ]
