@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -208,3 +209,22 @@ def skip_with_reason(reason: str) -> None:
     """Skip loudly: the reason is printed, not only recorded."""
     print(f"\nSKIP: {reason}", file=sys.stderr)
     pytest.skip(reason)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium (never a downloaded browser), driven by Playwright."""
+    if not CHROMIUM.exists():
+        skip_with_reason("Debian's Chromium is not installed: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        skip_with_reason("playwright is not installed: pip install -e '.[test]'")
+    with sync_playwright() as pw:
+        # --no-sandbox: Chromium refuses to start as root with its own sandbox.
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield b
+        b.close()

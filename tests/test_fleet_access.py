@@ -159,8 +159,8 @@ def _sdk_create(url: str, key: str, **kw: Any) -> Any:
     return Sandbox.create(api_url=url, api_key=key, memory_mb=128, **kw)
 
 
-def _node_of(a: AccessFleet, sid: str) -> str:
-    r = httpx.get(f"{a.fleet.gateway_url}/v1/namespaces/team-a/sandboxes/{sid}",
+def _node_of(a: AccessFleet, sid: str, ns: str = "team-a") -> str:
+    r = httpx.get(f"{a.fleet.gateway_url}/v1/namespaces/{ns}/sandboxes/{sid}",
                   headers=bearer(ADMIN), timeout=10)  # fmt: skip
     assert r.status_code == 200, r.text
     return str(r.json()["node"])
@@ -493,6 +493,51 @@ def test_a_revoke_reaches_a_front_by_the_watch_not_the_periodic_read(
     assert known and refused
     # One read at start, one more per change the watch delivered: no periodic read ran.
     assert reads <= 3, reads
+
+
+def test_the_console_on_the_gateway_drives_sandboxes_on_every_node(
+    access: AccessFleet, browser: Any, tmp_path: Path
+) -> None:
+    """The web console served by the gateway: a list of every node's sandboxes, a
+    terminal and the terminate button on each, through the gateway to its node."""
+    from types import SimpleNamespace
+
+    from playwright.sync_api import expect
+
+    from .test_host_console import Console, _terminal_lines, _type
+
+    gw = access.fleet.gateway_url
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    ui = Console(context.new_page(), SimpleNamespace(url=gw), tmp_path)  # type: ignore[arg-type]
+    made = [_sdk_create(gw, ADMIN, name=f"on-a-node-{i}") for i in range(2)]
+    try:
+        nodes = {s.sandbox_id: _node_of(access, s.sandbox_id, "default") for s in made}
+        assert set(nodes.values()) == {"a", "b"}, nodes  # one on each (the emptiest first)
+        ui.login(ADMIN)
+        for sbx in made:
+            row = ui.page.locator(f'#sandbox-rows tr[data-id="{sbx.sandbox_id}"]')
+            expect(row).to_contain_text("running")
+            expect(row.locator("td.node")).to_have_text(nodes[sbx.sandbox_id])
+        expect(ui.page.locator("#node-column")).to_be_visible()
+        ui.shot("gateway-sandboxes")
+        for sbx in made:  # a terminal through the gateway, on each node
+            ui.go(f"#/sandbox/{sbx.sandbox_id}/terminal")
+            expect(ui.page.locator("#terminal-state")).to_contain_text("session")
+            _type(ui, "echo $((6*7)) $(hostname)")
+            wait_for(lambda: any(ln.startswith("42 ") for ln in _terminal_lines(ui)), 30)
+        ui.go(f"#/sandbox/{made[0].sandbox_id}")
+        expect(ui.page.locator("#facts")).to_contain_text("running")
+        ui.page.click("#terminate")
+        ui.page.click("#terminate")  # "Confirm terminate"
+        expect(ui.page.locator("#facts")).to_contain_text("terminated")
+        assert made[0].status.value == "terminated"
+        assert made[1].status.value == "running"
+        assert ui.errors == [], ui.errors
+    finally:
+        context.close()
+        for sbx in made:
+            with contextlib.suppress(Exception):
+                sbx.terminate()
 
 
 def test_keys_cli_says_in_one_line_what_is_wrong_with_a_cluster() -> None:

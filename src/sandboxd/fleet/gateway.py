@@ -2,7 +2,9 @@
 
 Keys as on a node: ``--token`` is the admin's, the fleet's namespace keys come
 from etcd (:mod:`.apikeys`). With ``--public-url`` it answers domain mode's
-names and flat paths for every node's sandboxes (host/domain.py).
+names and flat paths for every node's sandboxes (host/domain.py). It serves
+the web console too (``/console/``, docs/console.md): the pages call the API
+this gateway answers, so they show and drive the sandboxes of every node.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .. import console
 from ..edge import LIMITS, Limits, cross_site_guard, errors_middleware
 from ..edge.auth import grant_auth
 from ..host.apikeys import Authority
@@ -36,8 +39,13 @@ async def elsewhere(request: web.Request) -> web.StreamResponse:
 
 
 def _exempt(request: web.Request) -> bool:
-    """Exposed ports (their node checks them) and /health (a load balancer's probe: says "ok")."""
-    return request.path == "/health" or ingress.is_exposed_port_request(request)
+    """Exposed ports (their node checks them), /health (a load balancer's probe: says "ok")
+    and the console's static files (they hold no secret; the page asks for the key)."""
+    return (
+        request.path == "/health"
+        or ingress.is_exposed_port_request(request)
+        or console.is_asset(request)
+    )
 
 
 def create_gateway_app(
@@ -60,6 +68,7 @@ def create_gateway_app(
             origin_exempt=ingress.is_exposed_port_request,
         ),
         front.ports,  # an exposed port's owning node checks its request itself
+        console.ws_credentials,  # the console's terminal: key and sandbox id as subprotocols
         grant_auth(authority.resolve, authority.required, exempt=_exempt),
         errors_middleware(),
         front.api,
@@ -69,6 +78,7 @@ def create_gateway_app(
     app[LIMITS] = limits
     app[PUBLIC_URL] = public_url
     app.router.add_get("/health", health)
+    console.add_routes(app)
     app.router.add_route("*", "/{tail:.*}", elsewhere)
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:

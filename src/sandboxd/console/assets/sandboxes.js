@@ -65,8 +65,12 @@ export function mountSandboxes(view) {
   let stopped = false;
   const body = h("tbody", { id: "sandbox-rows" });
   const note = h("p", { class: "muted", id: "sandbox-count" });
+  // A fleet's front says which node runs each sandbox: a column only then.
+  const nodeHead = h("th", { id: "node-column", hidden: true }, "Node");
+  const heads = ["Status", "Name", "ID"].map((t) => h("th", {}, t));
+  const rest = ["Image", "CPUs", "Memory", "Age", "Labels", "Usage"].map((t) => h("th", {}, t));
   const table = h("table", { class: "grid", id: "sandboxes" },
-    h("thead", {}, h("tr", {}, ["Status", "Name", "ID", "Image", "CPUs", "Memory", "Age", "Labels", "Usage"].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, heads, nodeHead, rest)),
     body);
   clear(view).append(h("h1", {}, "Sandboxes"), createForm(() => refresh()), note, table);
 
@@ -77,12 +81,15 @@ export function mountSandboxes(view) {
       const usages = await Promise.all(sandboxes.map((s, i) => (s.status === "running" && i < USAGE_ROWS ? fetchUsage(s.id) : null)));
       if (stopped) return;
       clear(body);
+      const fleet = sandboxes.some((s) => s.node);
+      nodeHead.hidden = !fleet;
       sandboxes.forEach((s, i) => {
         const link = `#/sandbox/${encodeURIComponent(s.id)}`;
         body.append(h("tr", { dataset: { id: s.id } },
           h("td", {}, statusBadge(s.status)),
           h("td", {}, h("a", { href: link }, s.name || "–")),
           h("td", {}, h("a", { href: link, class: "mono" }, s.id)),
+          h("td", { class: "node", hidden: !fleet }, s.node || "–"),
           h("td", {}, s.image),
           h("td", { class: "num" }, s.resources ? s.resources.cpus : "–"),
           h("td", { class: "num" }, s.resources ? `${s.resources.memory_mb} MB` : "–"),
@@ -90,7 +97,7 @@ export function mountSandboxes(view) {
           h("td", {}, labelChips(s.labels)),
           h("td", {}, usageCell(usages[i]))));
       });
-      if (!sandboxes.length) body.append(h("tr", {}, h("td", { colspan: "9", class: "muted" }, "No live sandboxes in this namespace.")));
+      if (!sandboxes.length) body.append(h("tr", {}, h("td", { colspan: fleet ? "10" : "9", class: "muted" }, "No live sandboxes in this namespace.")));
       note.textContent = `${sandboxes.length} live · refreshed ${new Date().toLocaleTimeString()}`;
     } catch (e) {
       if (!stopped) note.textContent = `could not list: ${e.message}`;
