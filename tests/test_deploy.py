@@ -108,3 +108,41 @@ def test_nodes_get_what_a_host_needs() -> None:
     assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
     secrets = {v["secret"]["secretName"] for v in volumes.values() if "secret" in v}
     assert secrets == {"etcd-tls"}
+
+
+def test_the_nodes_readiness_probe_passes_on_a_token_host_and_only_with_its_token() -> None:
+    """A host with a token answers /health 401 without it: an httpGet probe never passes."""
+    import os
+    import subprocess
+
+    from .test_host import make_state_root, start_host
+
+    (ds,) = _by_kind("DaemonSet")
+    (node,) = _containers(ds)
+    probe = node["readinessProbe"]["exec"]["command"]
+    token = next(e for e in node["env"] if e["name"] == "SANDBOXD_HOST_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "sandboxd-token"
+    port = next(a for a in node["command"] if a.startswith("--port=")).split("=", 1)[1]
+    roots = make_state_root("sbk")
+    h = start_host(next(roots) / "probe", warm=0, token="probe-s3cret")
+    try:
+        here = [a.replace(f"127.0.0.1:{port}/", h.url.removeprefix("http://") + "/") for a in probe]
+
+        def run(secret: str) -> int:
+            env = {**os.environ, "SANDBOXD_HOST_TOKEN": secret}
+            return subprocess.run(here, env=env, capture_output=True, timeout=30).returncode
+
+        assert run("probe-s3cret") == 0
+        assert run("not-the-token") != 0
+    finally:
+        h.stop()
+        next(roots, None)  # its state dir goes
+
+
+def test_nodes_and_gateways_answer_the_same_public_url() -> None:
+    """Fronts forward with the client's Host: a node reads it against its own --public-url."""
+    urls = {
+        name: [a.split("=", 1)[1] for a in cmd if a.startswith("--public-url=")]
+        for name, cmd, _ in _sandboxd_commands()
+    }
+    assert len({tuple(u) for u in urls.values()}) == 1 and all(urls.values()), urls
