@@ -254,8 +254,11 @@ def test_a_warm_spare_whose_daemon_dies_is_replaced(state_root: Path) -> None:
             ]
 
         old = str(wait_for(spares, timeout=30)[0])  # type: ignore[index]
-        # Up (its daemon answers), not still starting: a start that fails is another path.
-        wait_for(lambda: _answers(h, old), timeout=30)
+        # Up as the host sees it (its start done), not still starting: a start that fails
+        # is another path. Its daemon answering is not enough: the host's own wait for
+        # that answer may not have returned yet (seen: "failed to start", status 137).
+        wait_for(lambda: f"spare sandbox {old} ready" in h.log(), timeout=30)
+        assert _answers(h, old)
         for pid in _daemon_pids(old):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
