@@ -191,6 +191,31 @@ def test_creates_spread_over_nodes_and_every_front_lists_them(fleet: Fleet) -> N
         assert describe(gw, i)["status"] == "terminated"
 
 
+def test_sbx_ls_and_describe_say_each_sandbox_s_node(fleet: Fleet) -> None:
+    """The command line against a gateway: a NODE column (a lone host's list has none)."""
+    import re
+    from types import SimpleNamespace
+
+    from .test_cli_host import ok
+
+    gw = fleet.gateway_url
+    made = [create(gw) for _ in range(2)]
+    assert [r.status_code for r in made] == [200, 200], [r.text for r in made]
+    ids = [r.json()["sandbox_id"] for r in made]
+    front = SimpleNamespace(url=gw)
+    try:
+        header, *rows = ok(front, "sbx", "ls").splitlines()  # type: ignore[arg-type]
+        assert header.split()[:4] == ["ID", "NAME", "STATUS", "NODE"], header
+        listed = {r.split()[0]: r.split()[3] for r in rows}
+        assert {listed[i] for i in ids} == {"a", "b"}, listed
+        for i in ids:
+            shown = ok(front, "sbx", "describe", i)  # type: ignore[arg-type]
+            assert re.search(rf"^node\s+{listed[i]}$", shown, re.M), shown
+    finally:
+        for i in ids:
+            terminate(gw, i)
+
+
 def test_a_name_is_unique_across_the_fleet(fleet: Fleet) -> None:
     a, b = fleet.nodes["a"].url, fleet.nodes["b"].url
     r = create(a, name="only-one")

@@ -208,6 +208,7 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
     if ns.json:
         print_json(items)
         return EXIT_OK
+    fleet = any(s.get("node") for s in items)  # a fleet's front says each one's node
     rows = []
     for s in items:
         res = s.get("resources") or {}
@@ -216,6 +217,7 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
                 s.get("id"),
                 s.get("name") or "-",
                 s.get("status"),
+                *((s.get("node") or "-",) if fleet else ()),
                 s.get("image") or "-",
                 cpus(res.get("cpus")),
                 mib(res.get("memory_mb")),
@@ -223,7 +225,8 @@ async def ls(ns: argparse.Namespace, client: Client) -> int:
                 label_text(s.get("labels")),
             )
         )
-    print_table(("ID", "NAME", "STATUS", "IMAGE", "CPUS", "MEMORY", "AGE", "LABELS"), rows)
+    heads = ("ID", "NAME", "STATUS", *(("NODE",) if fleet else ()), "IMAGE", "CPUS", "MEMORY")
+    print_table((*heads, "AGE", "LABELS"), rows)
     return EXIT_OK
 
 
@@ -296,6 +299,7 @@ async def describe(ns: argparse.Namespace, client: Client) -> int:
         ("labels", label_text(info.get("labels"))),
     ]
     optional = (
+        "node",  # on a fleet's front
         "pool_id",
         "sandbox_url",
         "ingress_endpoint",
