@@ -527,6 +527,7 @@ def test_the_console_on_the_gateway_drives_sandboxes_on_every_node(
             wait_for(lambda: any(ln.startswith("42 ") for ln in _terminal_lines(ui)), 30)
         ui.go(f"#/sandbox/{made[0].sandbox_id}")
         expect(ui.page.locator("#facts")).to_contain_text("running")
+        expect(ui.page.locator("#facts")).to_contain_text(f"node{nodes[made[0].sandbox_id]}")
         ui.page.click("#terminate")
         ui.page.click("#terminate")  # "Confirm terminate"
         expect(ui.page.locator("#facts")).to_contain_text("terminated")

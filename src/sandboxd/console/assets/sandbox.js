@@ -85,6 +85,7 @@ export function mountSandbox(view, id, tab) {
     clear(facts).append(
       row("status", statusBadge(s.status)),
       row("id", h("span", { class: "mono" }, s.id)),
+      s.node ? row("node", s.node) : "", // a fleet's front says where it runs
       row("image", s.image),
       row("cpus", s.resources ? String(s.resources.cpus) : "–"),
       row("memory", s.resources ? `${s.resources.memory_mb} MB` : "–"),
