@@ -447,7 +447,12 @@ def test_follow_a_process_output_live(ui: Console) -> None:
         # Kill from the page: the whole tree ends, the SDK sees it signalled.
         ui.page.fill("#process-command", "sleep 300")
         ui.page.press("#process-command", "Enter")
-        sleeper = next(p for p in sbx.list_processes() if p.args == ["-c", "sleep 300"])
+        # The page starts it asynchronously: wait until the SDK sees it (seen missing once).
+        sleeper: Any = wait_for(
+            lambda: next((p for p in sbx.list_processes() if p.args == ["-c", "sleep 300"]), None),
+            timeout=30,
+        )
+        assert sleeper is not None
         row = ui.page.locator(f'#process-rows tr[data-pid="{sleeper.pid}"]')
         expect(row).to_contain_text("running")
         row.locator("button", has_text="Kill").click()
