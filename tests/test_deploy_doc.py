@@ -27,7 +27,7 @@ import pytest
 from sandboxd.cli import build_parser
 
 from .conftest import free_port, wait_for
-from .test_host import Host, assert_gone, make_state_root, start_host
+from .test_host import POOL_BODY, Host, assert_gone, make_state_root, start_host
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DEPLOY = DOCS / "deploy.md"
@@ -176,15 +176,7 @@ def test_backup_and_restore_as_the_doc_says(state_root: Path) -> None:
         snap = a.post(f"{p}/sandboxes/{sid}/snapshot").json()["snapshot_id"]
         wait_for(lambda: a.get(f"{p}/snapshots/{snap}").json()["status"] != "in_progress", 60)
         assert a.get(f"{p}/snapshots/{snap}").json()["status"] == "completed"
-        pool = a.post(
-            f"{p}/sandbox-pools",
-            json={
-                "image": "python",
-                "resources": {"cpus": 1.0, "memory_mb": 256},
-                "warm_containers": 0,
-                "max_containers": 1,
-            },
-        ).json()["pool_id"]
+        pool = a.post(f"{p}/sandbox-pools", json=POOL_BODY).json()["pool_id"]
         # The backup, while the host runs and the sandbox is live.
         run_doc_shell('".backup', state, backup)
         # The sandbox ends and the host stops (its sandboxes would outlive it).

@@ -57,6 +57,15 @@ def _unavailable() -> str | None:
     return None
 
 
+# A small pool with no warm sandbox: made in a test, it costs nothing until claimed.
+POOL_BODY = {
+    "image": "python",
+    "resources": {"cpus": 1.0, "memory_mb": 256},
+    "warm_containers": 0,
+    "max_containers": 1,
+}
+
+
 @dataclass
 class Host:
     url: str

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from .conftest import wait_for
-from .test_host import Host, assert_gone, make_state_root, start_host
+from .test_host import POOL_BODY, Host, assert_gone, make_state_root, start_host
 
 ADMIN = "admin-token-apikeys"
 A = "/v1/namespaces/team-a"
@@ -116,15 +116,7 @@ def test_another_namespaces_key_finds_nothing_and_changes_nothing(host: Host) ->
         port_host = {"Host": f"8080-{sid}.localhost"}
         wait_for(lambda: a.get("/", headers=port_host).status_code == 200, timeout=20)
         snap = a.post(f"{A}/sandboxes/{sid}/snapshot").json()["snapshot_id"]
-        pool = a.post(
-            f"{A}/sandbox-pools",
-            json={
-                "image": "python",
-                "resources": {"cpus": 1.0, "memory_mb": 256},
-                "warm_containers": 0,
-                "max_containers": 1,
-            },
-        ).json()["pool_id"]
+        pool = a.post(f"{A}/sandbox-pools", json=POOL_BODY).json()["pool_id"]
         done = a.post(f"{A}/sandboxes", json={"resources": {"cpus": 1.0, "memory_mb": 256}})
         ended = done.json()["sandbox_id"]
         assert a.delete(f"{A}/sandboxes/{ended}").status_code == 200

@@ -39,7 +39,7 @@ import httpx
 import pytest
 
 from .conftest import free_port, wait_for
-from .test_host import Host, assert_gone, make_state_root, start_host
+from .test_host import POOL_BODY, Host, assert_gone, make_state_root, start_host
 
 DOMAIN = "example.test"
 ADMIN = "admin-token-key-matrix"
@@ -49,12 +49,6 @@ WS = {
     "Upgrade": "websocket",
     "Sec-WebSocket-Version": "13",
     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-}
-POOL_BODY = {
-    "image": "python",
-    "resources": {"cpus": 1.0, "memory_mb": 256},
-    "warm_containers": 0,
-    "max_containers": 1,
 }
 
 
